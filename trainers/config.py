@@ -1,0 +1,331 @@
+"""The typed training config: one dataclass per concern, loaded from TOML or JSON, saved beside every output.
+
+Every field has a default a user can trust; `resolve_defaults` fills the ones that depend on the data
+(steps, learning rate) and `validate` rejects bad values with the field's dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+
+Method = Literal["lora", "full", "textual_inversion", "controlnet", "ddpo"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+
+@dataclass
+class ModelConfig:
+    base: str = ""
+    """Single-file checkpoint (.safetensors/.ckpt), diffusers folder, or hub id."""
+    family: Literal["auto", "sd1", "sd2", "sdxl"] = "auto"
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    vae: str = ""
+    """Optional separate VAE (single file or diffusers folder)."""
+
+
+@dataclass
+class DataConfig:
+    folder: str = ""
+    """Folder of images with optional caption sidecars; subfolders are included."""
+    manifest: str = ""
+    """JSON-lines file, one {"image": path, "caption": text, "repeats": n} per line (what the nodes write)."""
+    repeats: int = 1
+    caption_extension: str = ".txt"
+    default_caption: str = ""
+    """Caption for images without a sidecar; `{trigger}` and `{class}` are replaced."""
+    trigger_word: str = ""
+    class_noun: str = ""
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    """Leading comma-separated tags kept in place when shuffling (the trigger word is always first)."""
+    resolution: int = 512
+    crop: Literal["center", "random"] = "center"
+    flip: bool = False
+    buckets: bool = True
+    bucket_step: int = 64
+    min_bucket_side: int = 256
+    max_bucket_side: int = 1024
+    validation_folder: str = ""
+    validation_fraction: float = 0.0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    targets: Literal["attention", "attention_ff", "all_linear", "all"] = "attention"
+    """attention: q/k/v/out; attention_ff: + feed-forward; all_linear: + proj_in/out and time embeddings;
+    all: + conv layers (LoCon) with conv_rank/conv_alpha."""
+    conv_rank: int = 8
+    conv_alpha: float = 8.0
+    dropout: float = 0.0
+    train_text_encoder: bool = False
+    text_encoder_rank: int = 0
+    """0 = same as rank."""
+    format: Literal["kohya", "peft"] = "kohya"
+
+
+@dataclass
+class DreamBoothConfig:
+    enabled: bool = False
+    instance_prompt: str = "a photo of {trigger} {class}"
+    class_prompt: str = "a photo of {class}"
+    prior_preservation: bool = True
+    class_folder: str = ""
+    """User-given class images; topped up by generating with the base model when fewer than num_class_images."""
+    num_class_images: int = 50
+    prior_loss_weight: float = 1.0
+    class_generation_steps: int = 25
+
+
+@dataclass
+class FullConfig:
+    train_text_encoder: bool = False
+    ema: bool = True
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    method: Method = "lora"
+    steps: int = 0
+    """0 = from the dataset: 100 per image, clamped to 400-1200."""
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    learning_rate: float = 0.0
+    """0 = the method's default."""
+    text_encoder_lr: float = 0.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial"] = "constant_with_warmup"
+    warmup_steps: int = -1
+    """-1 = 5% of the steps."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True
+    cache_dir: str = ""
+    """Empty = in memory."""
+    min_snr_gamma: float = 5.0
+    """0 disables min-SNR weighting."""
+    noise_offset: float = 0.0
+    seed: int = 42
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "output"
+    name: str = "finetune"
+    overwrite: bool = False
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0 = only at the end and on stop)."""
+    keep_checkpoints: int = 2
+    save_every: int = 0
+    """Also export the result every N steps (0 = only at the end)."""
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    sample_seed: int = 1234
+    sample_guidance: float = 7.0
+    validation_every: int = 0
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    full: FullConfig = field(default_factory=FullConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Method-specific sections of methods added later (textual_inversion, controlnet, ddpo)."""
+
+    # ---- (de)serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "Config":
+        return _build(cls, data, prefix="", source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("config file not found", "pass the path of a .toml or .json config", where=str(path))
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot parse the file ({exc})", "fix the syntax", where=str(path)) from None
+        return cls.from_dict(data, source=str(path))
+
+    # ---- defaults that depend on the data ---------------------------------------------------------------
+    def resolve_defaults(self, num_images: int) -> "Config":
+        """Return a copy with `steps`, `learning_rate` and `warmup_steps` filled in."""
+        cfg = dataclasses.replace(self, train=dataclasses.replace(self.train))
+        t = cfg.train
+        if t.steps <= 0:
+            t.steps = default_steps(num_images)
+        if t.learning_rate <= 0:
+            t.learning_rate = DEFAULT_LEARNING_RATES[t.method]
+        if t.text_encoder_lr <= 0:
+            t.text_encoder_lr = t.learning_rate / 2 if t.method == "lora" else t.learning_rate
+        if t.warmup_steps < 0:
+            t.warmup_steps = max(0, round(0.05 * t.steps))
+        return cfg
+
+    def validate(self) -> None:
+        validate(self)
+
+
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "lora": 1e-4,
+    "full": 2e-6,
+    "textual_inversion": 5e-3,
+    "controlnet": 1e-5,
+    "ddpo": 3e-4,
+}
+
+
+def default_steps(num_images: int) -> int:
+    """About 100 steps per image, clamped to 400-1200 (what LoRA trainers' users settle on)."""
+    return int(min(1200, max(400, 100 * max(1, num_images))))
+
+
+def fill_template(text: str, trigger: str, class_noun: str) -> str:
+    """Replace {trigger} and {class} and collapse the spaces an empty value leaves."""
+    out = text.replace("{trigger}", trigger).replace("{class}", class_noun)
+    return " ".join(out.split())
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+def _check(ok: bool, where: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(problem, fix, where=where)
+
+
+def validate(cfg: Config) -> None:
+    m, d, t, lo, db, o = cfg.model, cfg.data, cfg.train, cfg.lora, cfg.dreambooth, cfg.output
+    _check(bool(m.base.strip()), "model.base", "no base model given",
+           "set it to a checkpoint file, a diffusers folder or a hub id")
+    _check(bool(d.folder or d.manifest), "data.folder", "no training data given",
+           "set data.folder to a folder of images (or data.manifest to a JSON-lines file)")
+    _check(d.repeats >= 1, "data.repeats", f"must be at least 1, got {d.repeats}", "use 1 or more")
+    _check(d.resolution >= 64 and d.resolution % 8 == 0, "data.resolution",
+           f"must be a multiple of 8 and at least 64, got {d.resolution}", "use e.g. 512 (SD1.x), 768 (SD2) or 1024 (SDXL)")
+    _check(d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step",
+           f"must be a positive multiple of 8, got {d.bucket_step}", "use 64")
+    _check(0 < d.min_bucket_side <= d.max_bucket_side, "data.min_bucket_side",
+           "must be positive and not above data.max_bucket_side", "e.g. 256 and 1024")
+    _check(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}", "use e.g. 0.05")
+    _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",
+           f"must be in [0, 1), got {d.validation_fraction}", "use e.g. 0.1, or 0 for none")
+    _check(d.keep_tokens >= 0, "data.keep_tokens", f"must not be negative, got {d.keep_tokens}", "use 0 or more")
+    _check(t.method in METHODS, "train.method", f"unknown method {t.method!r}", f"use one of {', '.join(METHODS)}")
+    _check(t.steps >= 0, "train.steps", f"must not be negative, got {t.steps}", "use 0 for automatic, or a step count")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be at least 1, got {t.batch_size}", "use 1 or more")
+    _check(t.gradient_accumulation >= 1, "train.gradient_accumulation", f"must be at least 1, got {t.gradient_accumulation}", "use 1 or more")
+    for name in ("learning_rate", "text_encoder_lr"):
+        value = getattr(t, name)
+        _check(math.isfinite(value) and value >= 0, f"train.{name}", f"must be a positive number, got {value}",
+               "use e.g. 1e-4 for LoRA, or 0 for the method's default")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must not be negative, got {t.max_grad_norm}", "use 1.0, or 0 to disable")
+    _check(t.min_snr_gamma >= 0, "train.min_snr_gamma", f"must not be negative, got {t.min_snr_gamma}", "use 5, or 0 to disable")
+    _check(0.0 <= t.noise_offset <= 1.0, "train.noise_offset", f"must be in [0, 1], got {t.noise_offset}", "use e.g. 0.05")
+    _check(lo.rank >= 1, "lora.rank", f"must be at least 1, got {lo.rank}", "use e.g. 16")
+    _check(lo.alpha > 0, "lora.alpha", f"must be positive, got {lo.alpha}", "use the rank, or half of it")
+    _check(lo.conv_rank >= 1, "lora.conv_rank", f"must be at least 1, got {lo.conv_rank}", "use e.g. 8")
+    _check(lo.conv_alpha > 0, "lora.conv_alpha", f"must be positive, got {lo.conv_alpha}", "use e.g. 8")
+    _check(lo.text_encoder_rank >= 0, "lora.text_encoder_rank", f"must not be negative, got {lo.text_encoder_rank}", "use 0 for the UNet rank")
+    _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}", "use 0 or e.g. 0.1")
+    if db.enabled:
+        _check(db.num_class_images >= 1 or not db.prior_preservation, "dreambooth.num_class_images",
+               f"must be at least 1 with prior preservation, got {db.num_class_images}", "use e.g. 50-200")
+        _check(db.prior_loss_weight >= 0, "dreambooth.prior_loss_weight",
+               f"must not be negative, got {db.prior_loss_weight}", "use 1.0")
+        _check(bool(d.class_noun.strip()) or "{class}" not in db.class_prompt, "data.class_noun",
+               "DreamBooth needs a class noun (what the subject is, e.g. 'person', 'dog')", "set data.class_noun")
+    _check(0.0 < cfg.full.ema_decay < 1.0, "full.ema_decay", f"must be in (0, 1), got {cfg.full.ema_decay}", "use e.g. 0.999")
+    _check(bool(o.name.strip()) and not any(c in o.name for c in '/\\:*?"<>|') and o.name not in (".", ".."),
+           "output.name", f"{o.name!r} is not a usable file name", "use letters, digits, '-' and '_'")
+    for name in ("checkpoint_every", "save_every", "sample_every", "validation_every", "keep_checkpoints"):
+        _check(getattr(o, name) >= 0, f"output.{name}", f"must not be negative, got {getattr(o, name)}", "use 0 to disable")
+    _check(o.sample_steps >= 1, "output.sample_steps", f"must be at least 1, got {o.sample_steps}", "use e.g. 20")
+
+
+# ---- building dataclasses from plain dicts, with field names in errors ----------------------------------
+def _build(cls: type, data: Any, *, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or source
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a table of settings, got {type(data).__name__}", "see the README's config example", where=where)
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}", f"known ones: {', '.join(sorted(names))}", where=where)
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, prefix=key + ".", source=source)
+        else:
+            values[name] = _coerce(hint, value, key)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{value!r} is not allowed", f"use one of {', '.join(map(repr, allowed))}", where=where)
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {value!r}", "write true or false", where=where)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"expected a whole number, got {value!r}", "write e.g. 16", where=where)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}", "write e.g. 1e-4", where=where)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected text, got {value!r}", "quote the value", where=where)
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"expected a list of texts, got {value!r}", 'write e.g. ["a photo of sks dog"]', where=where)
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a table, got {value!r}", "write a table of settings", where=where)
+        return dict(value)
+    return value
