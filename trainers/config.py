@@ -126,6 +126,8 @@ class OutputConfig:
     dir: str = "output"
     name: str = "finetune"
     overwrite: bool = False
+    export_path: str = ""
+    """Where the result goes; empty = `<dir>/<name>/<name>.safetensors`."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0 = only at the end and on stop)."""
     keep_checkpoints: int = 2

@@ -1,0 +1,170 @@
+"""The progress/sample/stop protocol that the CLI, the ComfyUI runner and TensorBoard all listen to.
+
+The loop calls `EventLog.emit(kind, **fields)`; every callback receives the same dict. `StopSignal` is how a parent
+(a ComfyUI Cancel, Ctrl-C, a `STOP` file) asks the loop to stop at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+STOP_FILE_NAME = "STOP"
+
+
+class Callback(Protocol):
+    def __call__(self, event: dict[str, Any]) -> None: ...
+
+
+class EventLog:
+    """Fans each event out to callbacks and appends it to `events.jsonl` in the run folder."""
+
+    def __init__(self, run_dir: Path | None = None, callbacks: list[Callback] | None = None, *, enabled: bool = True):
+        self.callbacks: list[Callback] = list(callbacks or [])
+        self.enabled = enabled
+        self._file = None
+        if run_dir is not None and enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(run_dir / "events.jsonl", "a", encoding="utf-8")
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"event": kind, "time": round(time.time(), 3), **fields}
+        if not self.enabled:
+            return event
+        if self._file is not None:
+            self._file.write(json.dumps(event, default=str) + "\n")
+            self._file.flush()
+        for callback in self.callbacks:
+            try:
+                callback(event)
+            except Exception:  # a broken listener must never stop training
+                log.exception("event callback failed")
+        return event
+
+    def close(self) -> None:
+        for callback in self.callbacks:
+            close = getattr(callback, "close", None)
+            if close:
+                close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def print_json_lines(event: dict[str, Any], stream=None) -> None:
+    """The `--events` protocol: one JSON object per line on stdout, flushed at once."""
+    stream = stream or sys.stdout
+    stream.write(json.dumps(event, default=str) + "\n")
+    stream.flush()
+
+
+def print_human(event: dict[str, Any]) -> None:
+    kind = event["event"]
+    if kind == "progress":
+        eta = event.get("eta_s")
+        eta_text = f"{eta:.0f}s" if eta is not None else "?"
+        print(f"step {event['step']}/{event['total']}  loss {event['loss']:.4f} (avg {event['loss_avg']:.4f})  "
+              f"lr {event['lr']:.2e}  {event['it_s']:.2f} it/s  eta {eta_text}", flush=True)
+    elif kind == "plan":
+        print(event.get("text", ""), flush=True)
+    elif kind in ("saved", "checkpoint", "sample", "validation", "done", "error", "status"):
+        fields = {k: v for k, v in event.items() if k not in ("event", "time")}
+        print(f"[{kind}] {json.dumps(fields, default=str)}", flush=True)
+
+
+class TensorBoardWriter:
+    """Scalars from progress/validation events; a no-op with one log line when tensorboard is not installed."""
+
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed; TensorBoard logs are off (pip install tensorboard)")
+            self.writer = None
+            return
+        self.writer = SummaryWriter(str(log_dir))
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        if event["event"] == "progress":
+            self.writer.add_scalar("loss/train", event["loss"], event["step"])
+            self.writer.add_scalar("loss/train_avg", event["loss_avg"], event["step"])
+            self.writer.add_scalar("lr", event["lr"], event["step"])
+        elif event["event"] == "validation":
+            self.writer.add_scalar("loss/validation", event["loss"], event["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StopSignal:
+    """A stop request: set in-process (`request()`), by SIGINT/SIGTERM, or by a `STOP` file in the run folder."""
+
+    def __init__(self, run_dir: Path | None = None):
+        self._event = threading.Event()
+        self.stop_file = run_dir / STOP_FILE_NAME if run_dir is not None else None
+        self.external_check: Callable[[], bool] | None = None
+
+    def request(self) -> None:
+        self._event.set()
+
+    def requested(self) -> bool:
+        if self._event.is_set():
+            return True
+        if self.stop_file is not None and self.stop_file.exists():
+            self._event.set()
+        elif self.external_check is not None and self.external_check():
+            self._event.set()
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        self._event.clear()
+        if self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)
+
+    def install_signal_handlers(self) -> None:
+        """First Ctrl-C/SIGTERM: stop after this step with a checkpoint. A second one: the default behaviour."""
+
+        def handler(signum, frame):
+            if self._event.is_set():
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+            self._event.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                pass
+
+
+class Throughput:
+    """Steps per second and ETA over a sliding window, ignoring the slow first steps."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.times: list[float] = []
+
+    def tick(self) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) > self.window + 1:
+            self.times.pop(0)
+
+    def rate(self) -> float:
+        if len(self.times) < 2:
+            return 0.0
+        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+
+    def eta(self, remaining_steps: int) -> float | None:
+        rate = self.rate()
+        return remaining_steps / rate if rate > 0 else None

@@ -1,0 +1,299 @@
+"""The one training loop. Every method runs through it:
+
+config → data → base model → method setup → optimizer → (resume) → steps with callbacks → export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+
+from .batches import BatchPreparer
+from .checkpointing import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .data.captions import tag_frequency
+from .data.dataset import BucketBatchSampler, TrainingDataset, collate
+from .errors import ConfigError, FinetuneError, NonFiniteLoss
+from .evaluate import heldout_loss
+from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput
+from .methods import Method, RunSummary, method_class
+from .models.loading import load_base_model
+from .plan import Plan, make_plan
+from .sampling import generate_images, save_samples
+
+
+@dataclass
+class TrainResult:
+    status: str  # "succeeded" | "stopped"
+    run_dir: Path
+    steps_done: int
+    outputs: dict[str, str] = field(default_factory=dict)
+    final_loss: float | None = None
+
+
+class DataStream:
+    """Endless batches in a reproducible order: the position is a pure function of the micro-step count."""
+
+    def __init__(self, dataset: TrainingDataset, sampler: BucketBatchSampler, micro_step: int = 0):
+        self.dataset, self.sampler = dataset, sampler
+        self.micro_step = micro_step
+        self._epoch, self._batches = -1, []
+
+    def next(self) -> dict[str, Any]:
+        per_epoch = len(self.sampler)
+        epoch, position = divmod(self.micro_step, per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self.sampler.batches_for_epoch(epoch)
+            self.dataset.set_epoch(epoch)
+        self.micro_step += 1
+        return collate([self.dataset[i] for i in self._batches[position]])
+
+
+def choose_mixed_precision(requested: str) -> str:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if requested == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("fp16 needs a CUDA GPU", "use bf16 or no on the CPU", where="train.mixed_precision")
+    return requested
+
+
+def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    train = cfg.train
+    if train.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise ConfigError("8-bit Adam needs a CUDA GPU", "use optimizer adamw", where="train.optimizer")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("8-bit Adam needs the bitsandbytes package",
+                              "pip install bitsandbytes, or use optimizer adamw", where="train.optimizer") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+
+
+def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, stop: StopSignal | None = None,
+          accelerator: Accelerator | None = None) -> TrainResult:
+    """Run one training to the end or to a stop request. User-fixable problems raise FinetuneError (also reported
+    as an `error` event); the run folder keeps the config, events, checkpoints, samples and the result."""
+    plan = make_plan(cfg)
+    accelerator = accelerator or Accelerator(mixed_precision=choose_mixed_precision(plan.cfg.train.mixed_precision))
+    if accelerator.is_main_process:
+        _claim_run_dir(plan.run_dir, plan.cfg, resume)
+        plan.cfg.save(plan.run_dir / "config.json")
+    accelerator.wait_for_everyone()
+    events = EventLog(plan.run_dir, list(callbacks or []), enabled=accelerator.is_main_process)
+    try:
+        return _train(plan, resume, events, stop or StopSignal(plan.run_dir), accelerator)
+    except FinetuneError as exc:
+        events.emit("error", message=str(exc), where=exc.where)
+        exc.reported = True
+        raise
+    except Exception as exc:
+        events.emit("error", message=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        events.close()
+
+
+def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, accelerator: Accelerator) -> TrainResult:
+    cfg, run_dir = plan.cfg, plan.run_dir
+    is_main = accelerator.is_main_process
+    events.emit("plan", **plan.summary())
+
+    # ---- model and method ------------------------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    base = load_base_model(cfg.model, dtype=weight_dtype)
+    base.vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    base.unet.to(accelerator.device)
+    for te in base.text_encoders:
+        te.to(accelerator.device)
+    method: Method = method_class(cfg.train.method)(cfg, base)
+    method.setup()
+    if cfg.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if method.trains_text_encoder:
+            for te in base.text_encoders:
+                te.gradient_checkpointing_enable()
+    method.prep = BatchPreparer(base, cache_latents=cfg.train.cache_latents and plan.dataset.pixels_are_static,
+                                cache_text=cfg.train.cache_text_embeddings and not method.trains_text_encoder)
+
+    groups = method.parameter_groups()
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(cfg, groups)
+    lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                                 num_training_steps=cfg.train.steps)
+    wrapped = {name: accelerator.prepare(module) for name, module in method.trained_modules().items()}
+    method.wrap(wrapped)
+    optimizer = accelerator.prepare(optimizer)
+
+    # ---- data ------------------------------------------------------------------------------------------
+    sampler = BucketBatchSampler(plan.dataset, cfg.train.batch_size, seed=cfg.train.seed,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + accelerator.process_index)
+    state = LoopState()
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state, trainable_state, extra = load_checkpoint(checkpoint, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                                        generator=generator)
+        method.load_trainable_state(trainable_state)
+        method.load_extra_state(extra)
+        events.emit("status", message=f"resumed from {checkpoint.name}", step=state.step)
+    stream = DataStream(plan.dataset, sampler, state.micro_step)
+    prior_stream = _prior_stream(cfg, base, accelerator, events, state.micro_step)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    summary = RunSummary(steps_done=state.step, num_images=plan.scan.num_images,
+                         tag_frequency=tag_frequency([item.caption for item in plan.scan.items]),
+                         started_at=time.time())
+    throughput = Throughput()
+    total, accum = cfg.train.steps, cfg.train.gradient_accumulation
+    loss_avg = state.loss_avg
+    last_checkpoint: Path | None = checkpoint
+
+    def checkpoint_now() -> Path | None:
+        nonlocal last_checkpoint
+        accelerator.wait_for_everyone()
+        if is_main:
+            state.micro_step, state.loss_avg = stream.micro_step, loss_avg
+            last_checkpoint = save_checkpoint(run_dir, state, trainable=method.trainable_state(),
+                                              extra=method.extra_state(), optimizer=optimizer,
+                                              lr_scheduler=lr_scheduler, generator=generator,
+                                              keep=cfg.output.keep_checkpoints)
+            events.emit("checkpoint", step=state.step, path=str(last_checkpoint))
+        return last_checkpoint
+
+    throughput.tick()
+    while state.step < total:
+        if _stop_requested(stop, accelerator):
+            checkpoint_now()
+            events.emit("done", status="stopped", step=state.step, checkpoint=str(last_checkpoint))
+            return TrainResult("stopped", run_dir, state.step, final_loss=loss_avg)
+        method.train_mode(True)
+        step_loss = 0.0
+        for micro in range(accum):
+            batch = _to_device(stream.next(), accelerator.device)
+            if prior_stream is not None:
+                batch["prior"] = _to_device(prior_stream.next(), accelerator.device)
+            with ExitStack() as stack:
+                if micro < accum - 1:
+                    for module in wrapped.values():
+                        stack.enter_context(accelerator.no_sync(module))
+                stack.enter_context(accelerator.autocast())
+                loss, logs = method.compute_loss(batch, generator)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"the loss became {float(loss)} at step {state.step + 1}; nothing after step "
+                        f"{state.step} was saved (last good checkpoint: {last_checkpoint or 'none'})",
+                        "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)",
+                        where="train")
+                accelerator.backward(loss / accum)
+            step_loss += float(loss.detach()) / accum
+        if cfg.train.max_grad_norm > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step()
+        state.step += 1
+        throughput.tick()
+        loss_avg = step_loss if state.step == 1 else 0.95 * loss_avg + 0.05 * step_loss
+        events.emit("progress", step=state.step, total=total, loss=step_loss, loss_avg=loss_avg,
+                    lr=lr_scheduler.get_last_lr()[0], it_s=throughput.rate(),
+                    eta_s=throughput.eta(total - state.step), **logs)
+        _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main)
+
+    # ---- the result ------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    outputs: dict[str, str] = {}
+    if is_main:
+        checkpoint_now()
+        summary.steps_done, summary.finished_at = state.step, time.time()
+        path = method.export(export_path(cfg, run_dir, method), summary, overwrite=cfg.output.overwrite)
+        outputs["model"] = str(path)
+        outputs["config"] = str(run_dir / "config.json")
+        events.emit("saved", step=state.step, path=str(path), kind=method.name)
+        samples = sorted((run_dir / "samples").glob(f"step_{state.step:06d}_*.png"))
+        outputs.update({f"sample_{n}": str(p) for n, p in enumerate(samples)})
+        events.emit("done", status="succeeded", step=state.step, outputs=outputs)
+    return TrainResult("succeeded", run_dir, state.step, outputs, final_loss=loss_avg)
+
+
+def export_path(cfg: Config, run_dir: Path, method: Method) -> Path:
+    return Path(cfg.output.export_path) if cfg.output.export_path else run_dir / f"{cfg.output.name}{method.export_suffix}"
+
+
+def _periodic(cfg, step, total, method, base, plan: Plan, run_dir, events, checkpoint_now, summary, is_main) -> None:
+    out = cfg.output
+    last = step == total
+    if out.checkpoint_every and step % out.checkpoint_every == 0 and not last:
+        checkpoint_now()
+    if not is_main:
+        return
+    if out.save_every and step % out.save_every == 0 and not last:
+        summary.steps_done, summary.finished_at = step, time.time()
+        path = method.export(run_dir / "intermediate" / f"{out.name}_step{step:06d}{method.export_suffix}",
+                             summary, overwrite=True)
+        events.emit("saved", step=step, path=str(path), kind=f"{method.name}-intermediate")
+    if out.sample_prompts and ((out.sample_every and step % out.sample_every == 0) or last):
+        method.train_mode(False)
+        with method.sampling_context():
+            images = generate_images(base, list(out.sample_prompts), steps=out.sample_steps,
+                                     guidance=out.sample_guidance, seed=out.sample_seed,
+                                     width=cfg.data.resolution, height=cfg.data.resolution)
+        events.emit("sample", step=step, paths=[str(p) for p in save_samples(images, run_dir / "samples", step)])
+    if plan.validation is not None and ((out.validation_every and step % out.validation_every == 0) or last):
+        method.train_mode(False)
+        events.emit("validation", step=step, loss=heldout_loss(method, plan.validation))
+
+
+def _prior_stream(cfg, base, accelerator, events, micro_step: int) -> DataStream | None:
+    if not (cfg.dreambooth.enabled and cfg.dreambooth.prior_preservation):
+        return None
+    from .dreambooth import class_dataset, ensure_class_images
+
+    cache_root = Path(cfg.output.dir) / ".class_images"
+    if accelerator.is_main_process:
+        paths = ensure_class_images(cfg, base, cache_root, on_progress=lambda done, total: events.emit(
+            "status", message=f"generating class images {done}/{total}", step=0))
+    accelerator.wait_for_everyone()
+    paths = ensure_class_images(cfg, base, cache_root)  # all present now: a cheap scan on every process
+    dataset = class_dataset(cfg, paths)
+    sampler = BucketBatchSampler(dataset, cfg.train.batch_size, seed=cfg.train.seed + 1,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    return DataStream(dataset, sampler, micro_step)
+
+
+def _stop_requested(stop: StopSignal, accelerator: Accelerator) -> bool:
+    wanted = stop.requested()
+    if accelerator.num_processes == 1:
+        return wanted
+    flag = torch.tensor([1.0 if wanted else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _claim_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
+    exists = (run_dir / "config.json").exists()
+    if exists and not resume and not cfg.output.overwrite:
+        raise FinetuneError("a run with this name already exists",
+                            "pass --resume to continue it, choose another output.name, or set output.overwrite",
+                            where=str(run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE_NAME).unlink(missing_ok=True)
+    if not resume:
+        (run_dir / "events.jsonl").unlink(missing_ok=True)

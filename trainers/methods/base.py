@@ -1,0 +1,139 @@
+"""What every method shares: freezing, the standard denoising step, and the prior-preservation term.
+
+A method says what is trainable (`setup`, `parameter_groups`), how one batch becomes a loss (`compute_loss`), what a
+resumable checkpoint holds (`trainable_state`) and how the result is written (`export`). The loop does the rest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..batches import BatchPreparer
+from ..config import Config
+from ..diffusion import denoising_loss, sample_noise, sample_timesteps, training_target
+from ..models.families import PromptEmbeds
+from ..models.loading import BaseModel
+
+
+@dataclass
+class RunSummary:
+    """What the metadata of an exported file tells about the run that made it."""
+
+    steps_done: int
+    num_images: int
+    tag_frequency: dict[str, int] = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+class Method(ABC):
+    name: str = ""
+    trains_text_encoder: bool = False
+
+    def __init__(self, cfg: Config, base: BaseModel):
+        self.cfg = cfg
+        self.base = base
+        self.prep: BatchPreparer | None = None
+        # What the loss calls: the raw modules, or their distributed wrappers after `wrap`.
+        self.unet_forward = base.unet
+
+    # ---- what is trained ---------------------------------------------------------------------------------
+    def freeze_all(self) -> None:
+        for module in (self.base.unet, self.base.vae, *self.base.text_encoders):
+            module.requires_grad_(False)
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Freeze what stays fixed and make the trainable parameters."""
+
+    @abstractmethod
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups: [{"params": [...], "lr": ...}, ...]."""
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules holding trainable parameters, by name; the loop wraps them for multi-process training."""
+        modules = {"unet": self.base.unet}
+        if self.trains_text_encoder:
+            modules.update({f"text_encoder_{i}": te for i, te in enumerate(self.base.text_encoders)})
+        return modules
+
+    def wrap(self, wrapped: dict[str, torch.nn.Module]) -> None:
+        """Receive the prepared (e.g. DistributedDataParallel) modules from the loop."""
+        if "unet" in wrapped:
+            self.unet_forward = wrapped["unet"]
+        if self.prep is not None and self.trains_text_encoder:
+            self.prep.text_encoders = [wrapped.get(f"text_encoder_{i}", te) for i, te in enumerate(self.base.text_encoders)]
+
+    def train_mode(self, training: bool) -> None:
+        for module in self.trained_modules().values():
+            module.train(training)
+
+    # ---- the loss ----------------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        instance = self.batch_loss(batch, generator).mean()
+        logs = {"loss_instance": float(instance.detach())}
+        if "prior" in batch:
+            prior = self.batch_loss(batch["prior"], generator, namespace="prior").mean()
+            logs["loss_prior"] = float(prior.detach())
+            return instance + self.cfg.dreambooth.prior_loss_weight * prior, logs
+        return instance, logs
+
+    def batch_loss(self, batch: dict[str, Any], generator: torch.Generator, *, namespace: str = "train") -> torch.Tensor:
+        assert self.prep is not None
+        latents = self.prep.latents(batch, namespace=namespace)
+        embeds = self.prep.prompt_embeds(batch["caption"], grad=self.trains_text_encoder)
+        return self.denoise(latents, embeds, batch, generator)
+
+    def denoise(self, latents: torch.Tensor, embeds: PromptEmbeds, batch: dict[str, Any],
+                generator: torch.Generator, timesteps: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None, *, snr_weighting: bool = True) -> torch.Tensor:
+        """Per-sample denoising loss for clean `latents` under `embeds` (plain MSE when `snr_weighting` is off)."""
+        scheduler, train = self.base.noise_scheduler, self.cfg.train
+        unet_dtype = self.base.unet.dtype
+        if noise is None:
+            noise = sample_noise(latents, generator, train.noise_offset)
+        if timesteps is None:
+            timesteps = sample_timesteps(latents.shape[0], scheduler, generator, latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        embeds = embeds.to(latents.device, unet_dtype)
+        added = self.base.family.added_cond_kwargs(
+            embeds, batch.get("original_size"), batch.get("crop_top_left"), batch.get("target_size"))
+        pred = self.unet_forward(noisy.to(unet_dtype), timesteps, encoder_hidden_states=embeds.hidden_states,
+                                 added_cond_kwargs=added).sample
+        target = training_target(scheduler, latents, noise, timesteps)
+        return denoising_loss(pred, target, timesteps, scheduler, train.min_snr_gamma if snr_weighting else 0.0)
+
+    # ---- state and output --------------------------------------------------------------------------------
+    @abstractmethod
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything trained, for resumable checkpoints."""
+
+    @abstractmethod
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def after_optimizer_step(self) -> None:
+        """Hook for EMA and the like."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Extra tensors for checkpoints (e.g. EMA weights)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    @abstractmethod
+    def export(self, path: Path, run: RunSummary, *, overwrite: bool) -> Path:
+        """Write the result (LoRA, checkpoint, embedding...) atomically, with metadata; return its path."""
+
+    export_suffix: str = ".safetensors"
+
+    def sampling_context(self):
+        """Modules as they should be for sample images (e.g. EMA weights swapped in)."""
+        from contextlib import nullcontext
+
+        return nullcontext()

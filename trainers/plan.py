@@ -1,0 +1,111 @@
+"""Everything that can be checked before a model is loaded: config, data, steps, buckets, a memory estimate.
+
+`make_plan` is what `--dry-run` prints and the first thing `train` does, so bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, fill_template
+from .data.dataset import DatasetScan, TrainingDataset, scan_dataset
+from .errors import ModelError
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    """The config with data-dependent defaults filled in."""
+    scan: DatasetScan
+    dataset: TrainingDataset
+    validation: TrainingDataset | None
+    run_dir: Path
+    model_bytes: int | None
+
+    def buckets(self) -> dict[str, int]:
+        counts = Counter(self.dataset.bucket_of(i) for i in range(len(self.dataset)))
+        return {f"{w}x{h}": n for (w, h), n in sorted(counts.items())}
+
+    def estimated_memory_gb(self) -> float | None:
+        """Weights in their training precision + optimizer state for what is trained, + a rough activation term."""
+        if self.model_bytes is None:
+            return None
+        t = self.cfg.train
+        weights = self.model_bytes * (2 if t.mixed_precision in ("bf16", "fp16") else 1)
+        if t.method == "full":
+            trained = self.model_bytes * 0.35 * 2  # the UNet's share of a checkpoint, in fp32
+            optimizer = trained * 3 + (trained if self.cfg.full.ema else 0)
+        else:
+            trained = optimizer = self.model_bytes * 0.01
+        pixels = self.cfg.data.resolution ** 2 * t.batch_size
+        activations = pixels * 2_000 * (0.3 if t.gradient_checkpointing else 1.0)
+        return round((weights + trained + optimizer + activations) / 2**30, 2)
+
+    def summary(self) -> dict[str, Any]:
+        t = self.cfg.train
+        info = {
+            "method": t.method + (" + DreamBooth" if self.cfg.dreambooth.enabled else ""),
+            "base_model": self.cfg.model.base,
+            "images": self.scan.num_images,
+            "samples_per_epoch": len(self.dataset),
+            "skipped": [[str(p), why] for p, why in self.scan.skipped],
+            "validation_images": len(self.validation) if self.validation is not None else 0,
+            "buckets": self.buckets(),
+            "steps": t.steps,
+            "batch_size": t.batch_size,
+            "learning_rate": t.learning_rate,
+            "estimated_memory_gb": self.estimated_memory_gb(),
+            "run_dir": str(self.run_dir),
+        }
+        info["text"] = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in info.items())
+        return info
+
+
+def make_plan(cfg: Config) -> Plan:
+    cfg.validate()
+    if cfg.dreambooth.enabled and not cfg.data.default_caption:
+        instance = fill_template(cfg.dreambooth.instance_prompt, cfg.data.trigger_word, cfg.data.class_noun)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, default_caption=instance))
+    model_bytes = _model_size(cfg.model.base)
+    scan = scan_dataset(cfg.data, seed=cfg.train.seed)
+    cfg = cfg.resolve_defaults(scan.num_images)
+    dataset = TrainingDataset(scan.items, cfg.data, seed=cfg.train.seed)
+    validation = None
+    if scan.validation_items:
+        eval_data = dataclasses.replace(cfg.data, crop="center", flip=False, caption_dropout=0.0, shuffle_tags=False)
+        validation = TrainingDataset([dataclasses.replace(i, repeats=1) for i in scan.validation_items], eval_data,
+                                     seed=cfg.train.seed)
+    run_dir = Path(cfg.output.dir) / cfg.output.name
+    return Plan(cfg, scan, dataset, validation, run_dir, model_bytes)
+
+
+def _model_size(base: str) -> int | None:
+    """Bytes of a local model (a safetensors header or a folder's files); fails early on a missing local file."""
+    path = Path(base).expanduser()
+    looks_local = path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") or path.is_absolute() \
+        or base.startswith((".", "~"))
+    if not path.exists():
+        if looks_local:
+            raise ModelError("the base model file does not exist",
+                             "check model.base (a .safetensors checkpoint, a diffusers folder or a hub id)",
+                             where=str(path))
+        return None  # a hub id: sized when downloaded
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*.safetensors")) or None
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_len))
+        except (OSError, struct.error, ValueError, MemoryError):
+            raise ModelError("the file is not a readable .safetensors file (truncated or corrupt?)",
+                             "download it again or pick another checkpoint", where=str(path)) from None
+        sizes = [v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"]
+        return sum(sizes)
+    return path.stat().st_size
