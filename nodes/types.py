@@ -1,0 +1,85 @@
+"""The values our nodes pass to each other, and their ComfyUI socket types."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comfy_api.v0_0_2 import io
+
+DatasetType = io.Custom("FINETUNE_DATASET")
+LoraType = io.Custom("FINETUNE_LORA")
+
+CAPTION_MODES = ("keep", "overwrite", "append")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One training image: a file on disk, or pixels from another node (`pixels`: HxWx3 float tensor in [0, 1])."""
+
+    caption: str = ""
+    path: str | None = None
+    pixels: Any = None
+    repeats: int = 1
+
+
+@dataclass(frozen=True)
+class TrainingImages:
+    """What LoadTrainingImages produces and BLIPCaption refines: images, captions and data options."""
+
+    entries: tuple[Entry, ...]
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)
+    """DataConfig fields chosen on the dataset node (resolution, crop, flip, buckets, repeats...)."""
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def with_captions(self, captions: list[str], mode: str = "overwrite") -> "TrainingImages":
+        if mode not in CAPTION_MODES:
+            raise ValueError(f"caption mode must be one of {CAPTION_MODES}, got {mode!r}")
+        entries = []
+        for entry, new in zip(self.entries, captions, strict=True):
+            if mode == "keep" and entry.caption:
+                caption = entry.caption
+            elif mode == "append" and entry.caption:
+                caption = f"{entry.caption}, {new}"
+            else:
+                caption = new
+            entries.append(dataclasses.replace(entry, caption=caption))
+        return dataclasses.replace(self, entries=tuple(entries))
+
+    def fingerprint(self) -> str:
+        """Content hash of images, captions and options: equal fingerprints mean identical training data."""
+        digest = hashlib.sha256()
+        for entry in self.entries:
+            digest.update(entry.caption.encode("utf-8"))
+            digest.update(str(entry.repeats).encode())
+            if entry.path is not None:
+                digest.update(_file_digest(Path(entry.path)))
+            elif entry.pixels is not None:
+                digest.update(entry.pixels.detach().cpu().numpy().tobytes())
+        digest.update(repr(sorted(self.options.items())).encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainedLora:
+    """A LoRA our trainer wrote (FINETUNE_LORA socket): ApplyLoRA takes it; `name` is its models/loras name."""
+
+    name: str
+    path: str
+    family: str
+    trigger_word: str = ""
+
+
+_DIGEST_CACHE: dict[tuple[str, int, int], bytes] = {}
+
+
+def _file_digest(path: Path) -> bytes:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGEST_CACHE:
+        _DIGEST_CACHE[key] = hashlib.sha256(path.read_bytes()).digest()
+    return _DIGEST_CACHE[key]
