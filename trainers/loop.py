@@ -216,6 +216,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
 
     # ---- the result ------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    in_sync = _replicas_in_sync(trainable, accelerator)
     outputs: dict[str, str] = {}
     if is_main:
         checkpoint_now()
@@ -226,7 +227,8 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         events.emit("saved", step=state.step, path=str(path), kind=method.name)
         samples = sorted((run_dir / "samples").glob(f"step_{state.step:06d}_*.png"))
         outputs.update({f"sample_{n}": str(p) for n, p in enumerate(samples)})
-        events.emit("done", status="succeeded", step=state.step, outputs=outputs)
+        events.emit("done", status="succeeded", step=state.step, outputs=outputs,
+                    processes=accelerator.num_processes, replicas_in_sync=in_sync)
     return TrainResult("succeeded", run_dir, state.step, outputs, final_loss=loss_avg)
 
 
@@ -281,6 +283,15 @@ def _stop_requested(stop: StopSignal, accelerator: Accelerator) -> bool:
         return wanted
     flag = torch.tensor([1.0 if wanted else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _replicas_in_sync(params: list[torch.Tensor], accelerator: Accelerator) -> bool:
+    """Every process must end with the same weights; a difference means gradients were not synchronised."""
+    if accelerator.num_processes == 1:
+        return True
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+    gathered = accelerator.gather(checksum)
+    return bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))
 
 
 def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:

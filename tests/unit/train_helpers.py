@@ -1,0 +1,53 @@
+"""Small training setups shared by the trainer's tests: a tiny model and a folder of generated images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))
+
+from trainers.config import Config  # noqa: E402
+
+
+def make_images(folder: Path, count: int = 4, size: int = 64, seed: int = 0, captions: bool = True) -> Path:
+    """A red disc on varied backgrounds: a concept simple enough for a tiny model to learn in a few steps."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        background = tuple(int(v) for v in rng.integers(0, 255, 3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        r = size // 4 + int(rng.integers(0, size // 8))
+        cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(220, 30, 30))
+        image.save(folder / f"img_{n:02d}.png")
+        if captions:
+            (folder / f"img_{n:02d}.txt").write_text("a red disc", encoding="utf-8")
+    return folder
+
+
+def tiny_config(tmp_path: Path, images: Path, *, family: str = "sd1", steps: int = 6, **sections) -> Config:
+    from tiny_models import tiny_pipeline_dir
+
+    data = {
+        "model": {"base": str(tiny_pipeline_dir(family))},
+        "data": {"folder": str(images), "resolution": 64, "buckets": False, "trigger_word": "sks"},
+        "train": {"steps": steps, "learning_rate": 1e-3, "seed": 7, "min_snr_gamma": 5.0},
+        "lora": {"rank": 4, "alpha": 4},
+        "output": {"dir": str(tmp_path / "runs"), "name": "tiny", "tensorboard": False},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Config.from_dict(data)
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
