@@ -1,0 +1,216 @@
+"""The saved-workflow → API-graph converter, on stock ComfyUI workflows and on small graphs written here.
+
+Fixtures in tests/comfy/fixtures/: `object_info_0.3.75.json` is a subset of `/object_info` recorded from a stock
+ComfyUI 0.3.75 server (no models installed); `default_txt2img.json` and `image2image.json` are the "default"
+and "image2image" templates of ComfyUI's workflow templates package (MIT), as the frontend saved them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.comfy.workflow import WorkflowError, to_api_graph, widget_slots
+
+FIXTURES = Path(__file__).resolve().parent.parent / "comfy" / "fixtures"
+OBJECT_INFO = json.loads((FIXTURES / "object_info_0.3.75.json").read_text())
+
+
+def load(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def node(node_id, kind, widgets=None, inputs=(), outputs=(), mode=0, title=None):
+    """A saved node: inputs are (name, type, link) or (name, type, link, widget name) tuples."""
+    saved = {
+        "id": node_id, "type": kind, "mode": mode,
+        "inputs": [{"name": i[0], "type": i[1], "link": i[2], **({"widget": {"name": i[3]}} if len(i) > 3 else {})}
+                   for i in inputs],
+        "outputs": [{"name": o, "type": o, "links": []} for o in outputs],
+    }
+    if widgets is not None:
+        saved["widgets_values"] = widgets
+    if title:
+        saved["title"] = title
+    return saved
+
+
+def workflow(*nodes, links=()):
+    return {"nodes": list(nodes), "links": [list(link) for link in links], "version": 0.4}
+
+
+CKPT = node(1, "CheckpointLoaderSimple", ["tiny.safetensors"], outputs=("MODEL", "CLIP", "VAE"))
+
+
+def ksampler(node_id=3, model_link=10, seed=7, extra_inputs=()):
+    return node(node_id, "KSampler", [seed, "randomize", 4, 6.5, "euler", "normal", 1.0],
+                inputs=(("model", "MODEL", model_link), *extra_inputs))
+
+
+def test_stock_default_graph_converts_to_the_api_graph_the_frontend_queues():
+    api = to_api_graph(load("default_txt2img.json"), OBJECT_INFO)
+
+    assert api == {
+        "3": {"class_type": "KSampler", "_meta": {"title": "KSampler"}, "inputs": {
+            "seed": 685468484323813, "steps": 20, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "_meta": {"title": "Load Checkpoint"},
+              "inputs": {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "_meta": {"title": "Empty Latent Image"},
+              "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "_meta": {"title": "CLIP Text Encode (Prompt)"}, "inputs": {
+            "text": "beautiful scenery nature glass bottle landscape, purple galaxy bottle,", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "_meta": {"title": "CLIP Text Encode (Prompt)"},
+              "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "_meta": {"title": "VAE Decode"},
+              "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "_meta": {"title": "Save Image"},
+              "inputs": {"filename_prefix": "SD1.5", "images": ["8", 0]}},
+    }
+
+
+def test_stock_image2image_skips_notes_and_the_upload_button_and_maps_a_v3_node():
+    api = to_api_graph(load("image2image.json"), OBJECT_INFO)
+
+    assert sorted(api, key=int) == ["3", "6", "7", "8", "9", "10", "12", "14", "18"]  # no MarkdownNotes
+    assert api["10"]["inputs"] == {"image": "image2image_input_image.jpg"}
+    assert api["18"] == {"class_type": "ImageScaleToTotalPixels", "_meta": {"title": "ImageScaleToTotalPixels"},
+                         "inputs": {"upscale_method": "nearest-exact", "megapixels": 0.5, "image": ["10", 0]}}
+    assert api["3"]["inputs"]["denoise"] == 0.87
+    assert api["3"]["inputs"]["latent_image"] == ["12", 0]
+
+
+def test_seed_control_slots_are_skipped_for_legacy_and_v3_nodes():
+    assert widget_slots(OBJECT_INFO["KSampler"]) == [
+        "seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"]
+    assert widget_slots(OBJECT_INFO["KSamplerAdvanced"]) == [
+        "add_noise", "noise_seed", None, "steps", "cfg", "sampler_name", "scheduler",
+        "start_at_step", "end_at_step", "return_with_leftover_noise"]
+    # V3 node whose seed input does not say control_after_generate: the frontend adds the control by name
+    assert widget_slots(OBJECT_INFO["TrainLoraNode"])[7:10] == ["seed", None, "training_dtype"]
+    assert widget_slots(OBJECT_INFO["PrimitiveInt"]) == ["value", None]
+    # forceInput inputs are sockets, not widgets
+    assert widget_slots(OBJECT_INFO["CreateHookKeyframesFromFloats"]) == ["start_percent", "end_percent", "print_keyframes"]
+
+
+def test_ksampler_advanced_values_land_on_their_inputs():
+    graph = workflow(CKPT, node(2, "KSamplerAdvanced", ["enable", 99, "fixed", 12, 5.0, "ddim", "karras", 2, 10, "disable"],
+                                inputs=(("model", "MODEL", 10),)), links=[(10, 1, 0, 2, 0, "MODEL")])
+
+    inputs = to_api_graph(graph, OBJECT_INFO)["2"]["inputs"]
+
+    assert inputs == {"add_noise": "enable", "noise_seed": 99, "steps": 12, "cfg": 5.0, "sampler_name": "ddim",
+                      "scheduler": "karras", "start_at_step": 2, "end_at_step": 10,
+                      "return_with_leftover_noise": "disable", "model": ["1", 0]}
+
+
+def test_primitive_node_value_replaces_the_converted_widget():
+    graph = workflow(
+        CKPT,
+        node(5, "PrimitiveNode", [1234, "fixed"], outputs=("INT",)),
+        ksampler(seed=7, extra_inputs=(("seed", "INT", 11, "seed"),)),
+        links=[(10, 1, 0, 3, 0, "MODEL"), (11, 5, 0, 3, 1, "INT")])
+
+    api = to_api_graph(graph, OBJECT_INFO)
+
+    assert api["3"]["inputs"]["seed"] == 1234
+    assert "5" not in api
+
+
+def test_v3_primitive_int_is_a_real_node_and_feeds_a_link():
+    graph = workflow(
+        CKPT,
+        node(5, "PrimitiveInt", [77, "increment"], outputs=("INT",)),
+        ksampler(extra_inputs=(("seed", "INT", 11, "seed"),)),
+        links=[(10, 1, 0, 3, 0, "MODEL"), (11, 5, 0, 3, 1, "INT")])
+
+    api = to_api_graph(graph, OBJECT_INFO)
+
+    assert api["5"] == {"class_type": "PrimitiveInt", "_meta": {"title": "Int"}, "inputs": {"value": 77}}
+    assert api["3"]["inputs"]["seed"] == ["5", 0]
+
+
+def test_reroutes_are_followed_to_the_real_output():
+    graph = workflow(
+        CKPT,
+        node(20, "Reroute", inputs=(("", "*", 10),), outputs=("MODEL",)),
+        node(21, "Reroute", inputs=(("", "*", 11),), outputs=("MODEL",)),
+        ksampler(model_link=12),
+        links=[(10, 1, 0, 20, 0, "MODEL"), (11, 20, 0, 21, 0, "MODEL"), (12, 21, 0, 3, 0, "MODEL")])
+
+    api = to_api_graph(graph, OBJECT_INFO)
+
+    assert api["3"]["inputs"]["model"] == ["1", 0]
+    assert set(api) == {"1", "3"}
+
+
+def lora_graph(lora_mode: int) -> dict:
+    lora = node(2, "LoraLoader", ["style.safetensors", 0.8, 1.0], mode=lora_mode,
+                inputs=(("model", "MODEL", 10), ("clip", "CLIP", 11)), outputs=("MODEL", "CLIP"))
+    text = node(4, "CLIPTextEncode", ["a toy robot"], inputs=(("clip", "CLIP", 13),))
+    return workflow(CKPT, lora, ksampler(model_link=12), text, links=[
+        (10, 1, 0, 2, 0, "MODEL"), (11, 1, 1, 2, 1, "CLIP"), (12, 2, 0, 3, 0, "MODEL"), (13, 2, 1, 4, 0, "CLIP")])
+
+
+def test_bypassed_node_passes_each_input_through_by_type():
+    api = to_api_graph(lora_graph(lora_mode=4), OBJECT_INFO)
+
+    assert "2" not in api
+    assert api["3"]["inputs"]["model"] == ["1", 0]
+    assert api["4"]["inputs"]["clip"] == ["1", 1]
+
+
+def test_muted_node_is_left_out_with_the_inputs_it_fed():
+    api = to_api_graph(lora_graph(lora_mode=2), OBJECT_INFO)
+
+    assert "2" not in api
+    assert "model" not in api["3"]["inputs"]
+    assert api["4"]["inputs"] == {"text": "a toy robot"}
+
+
+def test_active_lora_is_linked_and_keeps_its_widgets():
+    api = to_api_graph(lora_graph(lora_mode=0), OBJECT_INFO)
+
+    assert api["2"]["inputs"] == {"lora_name": "style.safetensors", "strength_model": 0.8, "strength_clip": 1.0,
+                                  "model": ["1", 0], "clip": ["1", 1]}
+    assert api["3"]["inputs"]["model"] == ["2", 0]
+
+
+def test_object_links_dict_widget_values_titles_and_list_values():
+    graph = {"nodes": [
+        node(1, "KSamplerSelect", {"sampler_name": "lcm"}, outputs=("SAMPLER",), title="My sampler"),
+        node(2, "PrimitiveString", ["a toy"], outputs=("STRING",)),
+        node(3, "CLIPTextEncode", ["x"], inputs=(("text", "STRING", 5, "text"),)),
+        node(4, "KSamplerSelect", {"sampler_name": ["euler", "lcm"]}, outputs=("SAMPLER",)),
+    ], "links": [{"id": 5, "origin_id": 2, "origin_slot": 0, "target_id": 3, "target_slot": 0, "type": "STRING"}]}
+
+    api = to_api_graph(graph, OBJECT_INFO)
+
+    assert api["1"] == {"class_type": "KSamplerSelect", "_meta": {"title": "My sampler"}, "inputs": {"sampler_name": "lcm"}}
+    assert api["2"]["inputs"] == {"value": "a toy"}
+    assert api["4"]["inputs"] == {"sampler_name": {"__value__": ["euler", "lcm"]}}  # a list is not a link
+    assert api["3"]["inputs"]["text"] == ["2", 0]
+
+
+def test_unknown_node_type_names_the_node():
+    with pytest.raises(WorkflowError, match=r"node 9 is of type 'NoSuchNode'"):
+        to_api_graph(workflow(node(9, "NoSuchNode", [])), OBJECT_INFO)
+
+
+def test_values_that_no_longer_line_up_are_refused():
+    shifted = node(3, "KSampler", [7, 4, 6.5, "euler", "normal", 1.0])  # the control slot is missing
+
+    with pytest.raises(WorkflowError, match=r"node 3 \(KSampler\): widget 'cfg' expects FLOAT"):
+        to_api_graph(workflow(shifted), OBJECT_INFO)
+
+
+def test_subgraphs_and_api_graphs_are_refused_with_a_fix():
+    sub = workflow(node(4, "0b5f-uuid", []))
+    sub["definitions"] = {"subgraphs": [{"id": "0b5f-uuid"}]}
+
+    with pytest.raises(WorkflowError, match="Unpack Subgraph"):
+        to_api_graph(sub, OBJECT_INFO)
+    with pytest.raises(WorkflowError, match="no 'nodes' list"):
+        to_api_graph({"3": {"class_type": "KSampler", "inputs": {}}}, OBJECT_INFO)
