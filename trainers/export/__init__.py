@@ -1,0 +1,1 @@
+"""Writing results to disk: kohya LoRA files with their metadata, single-file checkpoints, embeddings."""

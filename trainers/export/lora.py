@@ -1,0 +1,153 @@
+"""LoRA files: kohya's key layout (what ComfyUI, AUTOMATIC1111 and Forge load), diffusers' layout, and reading back.
+
+kohya layout: `lora_unet_<diffusers module path, "." -> "_">` and `lora_te_` / `lora_te1_` / `lora_te2_` +
+`text_model_encoder_layers_<i>_<module>`, each with `.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`;
+a convolution's down is a k x k conv and its up a 1x1 conv (LoCon). ComfyUI maps these names through
+`comfy.lora.model_lora_keys_unet` / `model_lora_keys_clip`. diffusers' own `convert_state_dict_to_kohya` is not used:
+it writes alpha = rank and names SD1's text encoder `lora_te1`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+from peft import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..adapters import lora_layers
+from ..errors import ConfigError, ModelError
+from ..io import atomic_path
+
+UNET_PREFIX = "lora_unet"
+
+
+def kohya_lora_state(unet: torch.nn.Module | None = None, text_encoders: list | tuple = (), *,
+                     te_prefixes: tuple[str, ...], dtype: torch.dtype = torch.float16,
+                     adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapters of `unet` and `text_encoders` under kohya's names; `te_prefixes` pairs with `text_encoders`
+    (("lora_te",) for SD1/SD2, ("lora_te1", "lora_te2") for SDXL). Modules without the adapter add nothing."""
+    if len(text_encoders) > len(te_prefixes):
+        raise ValueError(f"{len(text_encoders)} text encoders but only the prefixes {te_prefixes}")
+    state: dict[str, torch.Tensor] = {}
+    if unet is not None:
+        for path, layer in lora_layers(unet, adapter_name).items():
+            _put_layer(state, f"{UNET_PREFIX}_{_flat(path)}", layer, adapter_name, dtype)
+    for prefix, text_encoder in zip(te_prefixes, text_encoders):
+        for path, layer in lora_layers(text_encoder, adapter_name).items():
+            # transformers 5 dropped `text_model.` from CLIPTextModel's module paths (not from ...WithProjection's);
+            # kohya names always carry it.
+            if not path.startswith("text_model."):
+                path = "text_model." + path
+            _put_layer(state, f"{prefix}_{_flat(path)}", layer, adapter_name, dtype)
+    return state
+
+
+def save_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite: bool = False) -> Path:
+    """Write `state` with `metadata` as one .safetensors file, atomically; an existing file is kept unless `overwrite`."""
+    path = Path(path)
+    _refuse_existing(path, overwrite)
+    not_text = sorted(key for key, value in metadata.items() if not isinstance(value, str))
+    if not_text:
+        raise TypeError(f"safetensors metadata values must be strings: {', '.join(not_text)}")
+    with atomic_path(path) as tmp:
+        save_file({key: value.contiguous() for key, value in state.items()}, str(tmp), metadata=metadata)
+    return path
+
+
+def save_peft_lora(folder: Path, unet: torch.nn.Module | None, text_encoders: list | tuple = (), *,
+                   adapter_name: str = "default", overwrite: bool = False) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` in diffusers' layout, with each adapter's peft config, so that
+    `pipeline.load_lora_weights(folder)` restores the adapters exactly. Returns `folder`."""
+    folder = Path(folder)
+    target = folder / LORA_WEIGHT_NAME_SAFE
+    _refuse_existing(target, overwrite)
+    names = ("unet", "text_encoder", "text_encoder_2")
+    kwargs = {}
+    for name, module in zip(names, (unet, *text_encoders)):
+        if module is not None and lora_layers(module, adapter_name):
+            kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module, adapter_name=adapter_name)
+            kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config[adapter_name].to_dict()
+    if not kwargs:
+        raise ValueError(f"no adapter named {adapter_name!r} to save")
+    loader = StableDiffusionXLLoraLoaderMixin if len(text_encoders) == 2 else StableDiffusionLoraLoaderMixin
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
+        loader.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        os.replace(Path(tmp) / LORA_WEIGHT_NAME_SAFE, target)
+    return folder
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a .safetensors LoRA file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("LoRA file not found", "check the path, or pick a file from the loras folder", where=str(path))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"not a readable .safetensors file ({exc})",
+                         "re-export it, or convert it to .safetensors if it is a .ckpt/.pt", where=str(path)) from None
+    return state, metadata
+
+
+def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
+    """"sd1", "sd2" or "sdxl": what the metadata says, else what the keys and shapes show; None if neither tells."""
+    return _family_from_metadata(metadata) or _family_from_keys(state)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _flat(module_path: str) -> str:
+    return module_path.replace(".", "_")
+
+
+def _put_layer(state: dict[str, torch.Tensor], key: str, layer, adapter_name: str, dtype: torch.dtype) -> None:
+    state[f"{key}.lora_down.weight"] = layer.lora_A[adapter_name].weight.detach().to(dtype).contiguous()
+    state[f"{key}.lora_up.weight"] = layer.lora_B[adapter_name].weight.detach().to(dtype).contiguous()
+    state[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter_name]), dtype=torch.float32)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ConfigError("a file of that name already exists and would be replaced",
+                          "set output.overwrite = true, or choose another output.name", where=str(path))
+
+
+_ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
+_BASE_VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
+# Width of the text features the UNet's cross-attention reads, and of each text encoder's hidden state.
+_CONTEXT_DIM_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TEXT_WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+_DOWN = r"\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$"
+
+
+def _family_from_metadata(metadata: dict[str, str]) -> str | None:
+    architecture = metadata.get("modelspec.architecture", "")
+    for start, family in _ARCHITECTURE_FAMILIES:
+        if architecture.startswith(start):
+            return family
+    version = metadata.get("ss_base_model_version", "")
+    for start, family in _BASE_VERSION_FAMILIES:
+        if version.startswith(start):
+            return family
+    return None
+
+
+def _family_from_keys(state: dict[str, torch.Tensor]) -> str | None:
+    if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in state):
+        return "sdxl"
+    for key, value in state.items():
+        if re.search(r"attn2[._](processor[._])?to_k" + _DOWN, key) and value.ndim == 2:
+            return _CONTEXT_DIM_FAMILIES.get(value.shape[1])
+    for key, value in state.items():
+        if re.search(r"self_attn[._]q_proj" + _DOWN, key) and value.ndim == 2:
+            return _TEXT_WIDTH_FAMILIES.get(value.shape[1])
+    return None
