@@ -54,7 +54,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
     """Check that `path` decodes (cheaply: JPEGs at 1/8 scale) and return its upright (width, height)."""
     path = Path(path)
     with _open(path) as image:
-        size = _upright_size(image)
+        size = upright_size(image)
         image.draft(None, (1, 1))
         _decode(image, path)
         return size
@@ -63,7 +63,13 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 def image_size(path: str | Path) -> tuple[int, int]:
     """The upright (width, height) from the header alone, with the same checks as `load_image` except decoding."""
     with _open(Path(path)) as image:
-        return _upright_size(image)
+        return upright_size(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied, without decoding the pixels."""
+    width, height = image.size
+    return (height, width) if _swaps_sides(image) else (width, height)
 
 
 def normalize_image(image: Image.Image) -> Image.Image:
@@ -146,11 +152,6 @@ def _swaps_sides(image: Image.Image) -> bool:
         return image.getexif().get(_EXIF_ORIENTATION, 1) in _SWAPS_SIDES
     except _DECODE_ERRORS:
         return False
-
-
-def _upright_size(image: Image.Image) -> tuple[int, int]:
-    width, height = image.size
-    return (height, width) if _swaps_sides(image) else (width, height)
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
