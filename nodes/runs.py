@@ -1,0 +1,264 @@
+"""Run records: one `run.json` per training run, beside the trainer's own files in its run folder.
+
+`<RUNS_ROOT>/<run_id>/` is the trainer's run folder (config.json, events.jsonl, checkpoints/, samples/, train.log);
+the nodes add `run.json` (what the dashboard lists) and `request.json` (the config the trainer was started with).
+Records survive a restart: a record still marked running whose process is gone is settled from its event log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..trainers.io import atomic_write_text
+
+log = logging.getLogger("comfyui-finetune")
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATUSES = ("queued", "running")
+RECORD_FILE = "run.json"
+EVENTS_FILE = "events.jsonl"
+STOP_FILE = "STOP"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+_LIVE_RUN_IDS: set[str] = set()
+"""Runs this process is driving right now; any other run marked running is checked for a live trainer process."""
+
+
+def RUNS_ROOT() -> Path:  # noqa: N802 (the dashboard's API names it so)
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / "finetune"
+
+
+@dataclass
+class RunRecord:
+    id: str
+    name: str
+    status: str = "queued"
+    method: str = "lora"
+    """The trainer's method, with " + DreamBooth" when prior preservation training is on."""
+    base_model: str = ""
+    """The base checkpoint's name in models/checkpoints."""
+    dataset_size: int = 0
+    steps: int = 0
+    step: int = 0
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """"lora" or "checkpoint": the file's name in its models folder, "path": its full path,
+    "samples": sample images relative to the run folder."""
+    trigger_word: str = ""
+    class_noun: str = ""
+    content_hash: str = ""
+    prompt_id: str = ""
+    node_id: str = ""
+    loss: float | None = None
+    pid: int = 0
+    """The trainer process while it runs."""
+
+    @property
+    def duration(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def output_kind(self) -> str:
+        return "checkpoint" if self.method.startswith("full") else "lora"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (with `duration`)."""
+        return {**dataclasses.asdict(self), "duration": self.duration}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        if record.status not in STATUSES:
+            raise ValueError(f"unknown status {record.status!r}")
+        return record
+
+
+class RunStore:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else RUNS_ROOT()
+
+    def run_dir(self, run_id: str) -> Path:
+        if not _RUN_ID.match(run_id) or ".." in run_id:
+            raise ValueError(f"not a run id: {run_id!r}")
+        return self.root / run_id
+
+    def list(self) -> list[RunRecord]:
+        """Every readable record, newest first."""
+        if not self.root.is_dir():
+            return []
+        records = []
+        for folder in self.root.iterdir():
+            if folder.name.startswith(".") or not (folder / RECORD_FILE).is_file():
+                continue
+            record = self._read(folder)
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda r: r.created, reverse=True)
+
+    def get(self, run_id: str) -> RunRecord | None:
+        try:
+            folder = self.run_dir(run_id)
+        except ValueError:
+            return None
+        return self._read(folder) if (folder / RECORD_FILE).is_file() else None
+
+    def save(self, record: RunRecord) -> None:
+        atomic_write_text(self.run_dir(record.id) / RECORD_FILE, json.dumps(record.to_json(), indent=2) + "\n")
+
+    def events(self, run_id: str, since: int = 0) -> list[dict[str, Any]]:
+        """The events logged from line `since` on. A last line still being written is left for the next call."""
+        try:
+            path = self.run_dir(run_id) / EVENTS_FILE
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except (ValueError, OSError):
+            return []
+        lines = text.split("\n")[:-1]  # the piece after the last newline is incomplete (or empty)
+        events = []
+        for number, line in enumerate(lines[max(0, since):], start=max(0, since)):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                events.append({"event": "unreadable", "line": number})
+        return events
+
+    def request_stop(self, run_id: str) -> bool:
+        """Ask a running run to save a checkpoint and stop; False when it is not running."""
+        record = self.get(run_id)
+        if record is None or record.status not in ACTIVE_STATUSES:
+            return False
+        atomic_write_text(self.run_dir(run_id) / STOP_FILE, "stop requested\n")
+        return True
+
+    def find_by_hash(self, content_hash: str) -> RunRecord | None:
+        return next((r for r in self.list() if r.content_hash == content_hash), None)
+
+    def made_loras(self) -> list[dict[str, Any]]:
+        """The LoRA files our runs wrote that are still in models/loras, newest first."""
+        found = []
+        for record in self.list():
+            path = Path(record.outputs.get("path", ""))
+            if record.status != "succeeded" or "lora" not in record.outputs or not path.is_file():
+                continue
+            found.append({"name": record.outputs["lora"], "path": str(path), "trigger_word": record.trigger_word,
+                          "run_id": record.id, "metadata": lora_summary(path)})
+        return found
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _read(self, folder: Path) -> RunRecord | None:
+        try:
+            record = RunRecord.from_json(json.loads((folder / RECORD_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("comfyui-finetune: skipping the unreadable run record %s (%s)", folder / RECORD_FILE, exc)
+            return None
+        if record.status in ACTIVE_STATUSES and not is_live(record):
+            settle_from_events(record, self.events(record.id), folder)
+            self.save(record)
+        return record
+
+
+@contextmanager
+def live(run_id: str) -> Iterator[None]:
+    """Mark a run as driven by this process for the duration of the block."""
+    _LIVE_RUN_IDS.add(run_id)
+    try:
+        yield
+    finally:
+        _LIVE_RUN_IDS.discard(run_id)
+
+
+def is_live(record: RunRecord) -> bool:
+    return record.id in _LIVE_RUN_IDS or _trainer_process_alive(record.pid)
+
+
+def settle_from_events(record: RunRecord, events: list[dict[str, Any]], run_dir: Path) -> None:
+    """Give a run whose trainer is gone its final status: from its last `done`/`error` event, else from whether a
+    checkpoint is there to resume from."""
+    record.pid = 0
+    record.finished = record.finished or time.time()
+    outcome = next((e for e in reversed(events) if e.get("event") in ("done", "error")), None)
+    if outcome is not None and outcome["event"] == "done" and outcome.get("status") == "succeeded":
+        record.status, record.error = "succeeded", ""
+        record.outputs = outputs_from_done(outcome, run_dir, record.output_kind)
+    elif outcome is not None and outcome["event"] == "done":
+        record.status, record.error = "cancelled", ""
+    elif outcome is not None:
+        record.status, record.error = "failed", str(outcome.get("message", "the trainer reported an error"))
+    elif has_checkpoint(run_dir):
+        record.status = "cancelled"
+        record.error = "ComfyUI stopped while this run was training; queue it again to resume from its checkpoint"
+    else:
+        record.status = "failed"
+        record.error = "ComfyUI stopped before this run saved a checkpoint; queue it again to start over"
+    progress = [e for e in events if e.get("event") == "progress"]
+    if progress:
+        record.step, record.loss = int(progress[-1]["step"]), progress[-1].get("loss")
+
+
+def outputs_from_done(done: dict[str, Any], run_dir: Path, kind: str) -> dict[str, Any]:
+    """A record's `outputs` from the trainer's `done` event; the result lies directly in its models folder."""
+    produced = done.get("outputs", {})
+    model = Path(produced["model"])
+    samples = [Path(p) for key, p in sorted(produced.items()) if key.startswith("sample_")]
+    return {kind: model.name, "path": str(model),
+            "samples": [p.relative_to(run_dir).as_posix() if p.is_relative_to(run_dir) else str(p) for p in samples]}
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in folder.iterdir())
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header, read without loading any tensor; {} when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                return {}
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def lora_family(metadata: dict[str, str]) -> str:
+    return _FAMILIES.get(metadata.get("ss_base_model_version", ""), "")
+
+
+def lora_summary(path: Path) -> dict[str, Any]:
+    """What the dashboard shows about a LoRA file, from its header."""
+    meta = read_safetensors_metadata(path)
+    return {"family": lora_family(meta), "base_model": meta.get("ss_sd_model_name", ""),
+            "rank": meta.get("ss_network_dim", ""), "alpha": meta.get("ss_network_alpha", ""),
+            "steps": meta.get("ss_steps", ""), "resolution": meta.get("modelspec.resolution", ""),
+            "images": meta.get("ss_num_train_images", ""), "trained_at": meta.get("modelspec.date", ""),
+            "size_mb": round(path.stat().st_size / 2**20, 2)}
+
+
+def _trainer_process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        import psutil
+
+        return any("trainers" in part for part in psutil.Process(pid).cmdline())
+    except Exception:  # no such process, no permission, or no psutil: not a trainer we can account for
+        return False
