@@ -156,8 +156,9 @@ def test_default_steps_are_100_per_image_clamped(images: int, steps: int):
 def test_resolve_defaults_fills_data_dependent_values_without_touching_the_original():
     cfg = valid()
     resolved = cfg.resolve_defaults(num_images=7)
+    lora_lr = DEFAULT_LEARNING_RATES["lora"]
     assert (resolved.train.steps, resolved.train.learning_rate, resolved.train.text_encoder_lr,
-            resolved.train.warmup_steps) == (700, DEFAULT_LEARNING_RATES["lora"], DEFAULT_LEARNING_RATES["lora"] / 2, 35)
+            resolved.train.warmup_steps) == (700, lora_lr, lora_lr / 2, 35)
     assert (cfg.train.steps, cfg.train.learning_rate, cfg.train.warmup_steps) == (0, 0.0, -1)
 
 

@@ -12,7 +12,8 @@ from trainers.data.buckets import BucketGrid, crop_offsets, resize_and_crop, res
 from trainers.errors import ConfigError
 
 
-@pytest.mark.parametrize("resolution, step, low, high", [(512, 64, 256, 1024), (1024, 64, 512, 2048), (768, 32, 384, 1536)])
+@pytest.mark.parametrize("resolution, step, low, high",
+                         [(512, 64, 256, 1024), (1024, 64, 512, 2048), (768, 32, 384, 1536)])
 def test_every_bucket_fits_the_grid_rules(resolution: int, step: int, low: int, high: int):
     grid = BucketGrid(resolution, step, low, high)
     assert (resolution, resolution) in grid.buckets

@@ -22,6 +22,7 @@ def test_dot_caption_is_the_fallback_and_extension_without_dot_works(tmp_path: P
     assert sidecar_caption(tmp_path / "a.png", ".txt") == "from .caption"
     (tmp_path / "a.tags").write_text("from .tags", encoding="utf-8")
     assert sidecar_caption(tmp_path / "a.png", "tags") == "from .tags"
+    assert sidecar_caption(tmp_path / "a.png", "") == "from .caption"
 
 
 def test_missing_or_empty_sidecar_is_none(tmp_path: Path):

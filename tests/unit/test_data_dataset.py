@@ -28,7 +28,8 @@ def folder(tmp_path: Path) -> Path:
 
 
 def dataset(folder: Path, seed: int = 0, **data) -> TrainingDataset:
-    cfg = DataConfig(folder=str(folder), resolution=128, bucket_step=32, min_bucket_side=64, max_bucket_side=256, **data)
+    cfg = DataConfig(folder=str(folder), resolution=128, bucket_step=32, min_bucket_side=64, max_bucket_side=256,
+                     **data)
     return TrainingDataset(scan_dataset(cfg).items, cfg, seed=seed)
 
 

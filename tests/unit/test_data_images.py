@@ -173,3 +173,11 @@ def test_pil_to_tensor_range_and_layout():
     tensor = pil_to_tensor(image)
     assert tensor.shape == (3, 3, 5) and tensor.dtype == torch.float32
     assert torch.equal(tensor[:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
+
+
+def test_at_least_is_measured_upright_for_rotated_jpegs(tmp_path: Path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1024x768, viewed 768x1024
+    gradient(1024, 768).save(tmp_path / "rotated.jpg", exif=exif)
+    image = load_image(tmp_path / "rotated.jpg", at_least=(500, 150))
+    assert image.size == (768, 1024)  # a half-scale decode (384 wide) would be too narrow

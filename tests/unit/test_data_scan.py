@@ -27,8 +27,8 @@ def test_folder_is_scanned_recursively_with_sidecars_and_defaults(tmp_path: Path
 
     scan = scan_dataset(DataConfig(folder=str(tmp_path), default_caption="photo of {trigger}", trigger_word="sks",
                                    repeats=3))
-    assert [(item.path.relative_to(tmp_path).as_posix(), item.caption, item.repeats, item.size) for item in scan.items] == [
-        ("a.png", "a red card", 3, (96, 64)), ("sub/b.JPG", "photo of sks", 3, (64, 128))]
+    found = [(item.path.relative_to(tmp_path).as_posix(), item.caption, item.repeats, item.size) for item in scan.items]
+    assert found == [("a.png", "a red card", 3, (96, 64)), ("sub/b.JPG", "photo of sks", 3, (64, 128))]
     assert scan.num_images == 2 and scan.num_samples == 6 and scan.skipped == [] and scan.uncaptioned == 1
 
 
@@ -62,6 +62,15 @@ def test_bad_manifest_lines_name_the_line(tmp_path: Path, line: str, problem: st
     with pytest.raises(DataError) as caught:
         scan_dataset(DataConfig(manifest=str(manifest)))
     assert caught.value.where == f"{manifest}:2" and problem in caught.value.problem
+
+
+def test_manifest_entry_for_a_missing_file_is_skipped(tmp_path: Path):
+    save(tmp_path / "here.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "here.png"}\n{"image": "gone.png"}\n', encoding="utf-8")
+    scan = scan_dataset(DataConfig(manifest=str(manifest)))
+    assert [i.path.name for i in scan.items] == ["here.png"]
+    assert scan.skipped == [(tmp_path / "gone.png", "image file not found")]
 
 
 def test_bad_files_are_skipped_with_reasons_when_good_ones_remain(tmp_path: Path):

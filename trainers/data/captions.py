@@ -31,8 +31,8 @@ def sidecar_caption(image_path: Path, caption_extension: str = ".txt") -> str | 
 
     An empty caption file counts as none, so the default caption applies to it.
     """
-    extension = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
-    for candidate in dict.fromkeys((extension, FALLBACK_CAPTION_EXTENSION)):
+    extension = "." + caption_extension.strip().lstrip(".")
+    for candidate in dict.fromkeys(e for e in (extension, FALLBACK_CAPTION_EXTENSION) if e != "."):
         path = image_path.with_suffix(candidate)
         if path.is_file():
             return read_caption_file(path) or None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 import zlib
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
 from ..errors import DataError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"} | ({".avif"} if features.check("avif") else set())
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+                                             | ({".avif"} if features.check("avif") else set()))
 """File types the scan picks up (lower case; matched case-insensitively)."""
 
 MIN_SIDE = 64
@@ -108,10 +106,7 @@ def _open(path: Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise DataError("the file is empty (0 bytes)", "re-copy the image or delete the file", where=str(path))
     try:
-        with warnings.catch_warnings():
-            # The size is checked below against MAX_PIXELS; Pillow's lower warning threshold is only noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        image = Image.open(path)
     except Image.DecompressionBombError:
         raise _too_large(path, "") from None
     except UnidentifiedImageError:

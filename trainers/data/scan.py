@@ -94,7 +94,8 @@ def scan_dataset(cfg: DataConfig, *, seed: int = 0) -> DatasetScan:
     items, unreadable = _probe_all(candidates)
     skipped += unreadable
     if not items:
-        raise _no_images(" and ".join(s for s in (cfg.folder, cfg.manifest) if s), skipped, "data.folder")
+        sources = " and ".join(s for s in (cfg.folder, cfg.manifest) if s)
+        raise _no_images(sources, skipped, "data.folder" if cfg.folder else "data.manifest")
 
     if validation_folder is not None:
         paths, unsupported = _list_folder(validation_folder, "data.validation_folder")
@@ -119,11 +120,12 @@ def scan_class_images(folder: str | Path) -> list[Path]:
         return []
     paths, _ = _list_folder(folder, "dreambooth.class_folder")
     items, _ = _probe_all([Item(path, "") for path in paths])
-    return [item.path for item in items if item.path is not None]
+    return [item.path for item in items]
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
-def _list_folder(folder: Path, field_name: str, *, exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+def _list_folder(folder: Path, field_name: str, *,
+                 exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Image files under `folder` (sorted, hidden files and folders left out) and the unsupported ones found."""
     if not folder.is_dir():
         problem = "is a file, not a folder" if folder.exists() else "folder not found"
@@ -166,7 +168,8 @@ def _manifest_item(line: str, where: str, base: Path, cfg: DataConfig) -> Item:
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON ({exc.msg})", f"write one object per line, e.g. {example}", where=where) from None
+        raise DataError(f"not valid JSON ({exc.msg})", f"write one object per line, e.g. {example}",
+                        where=where) from None
     if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"].strip():
         raise DataError('each line needs an "image" path', f"e.g. {example}", where=where)
     unknown = sorted(set(entry) - set(MANIFEST_KEYS))
