@@ -52,7 +52,8 @@ class DataConfig:
     buckets: bool = True
     bucket_step: int = 64
     min_bucket_side: int = 256
-    max_bucket_side: int = 1024
+    max_bucket_side: int = 0
+    """0 = twice the resolution."""
     validation_folder: str = ""
     validation_fraction: float = 0.0
 
@@ -91,6 +92,54 @@ class FullConfig:
     train_text_encoder: bool = False
     ema: bool = True
     ema_decay: float = 0.999
+
+
+@dataclass
+class TextualInversionConfig:
+    initializer: str = ""
+    """Word(s) whose embedding the new one starts from; empty = data.class_noun, or "*" without one."""
+    num_vectors: int = 1
+    """Vectors (tokens) the embedding spans; 1-4 for a subject, more for a style."""
+
+
+@dataclass
+class ControlNetConfig:
+    preprocessor: str = "canny"
+    """How control maps are made from the training images (see trainers/preprocess.py); unused with control_folder."""
+    control_folder: str = ""
+    """Folder of ready-made control maps, one per training image with the same file stem (e.g. img_01.png)."""
+    conditioning_scale: float = 1.0
+
+
+DDPOReward = Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "blip_score"]
+
+
+@dataclass
+class DDPOConfig:
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str = ""
+    """Text file, one prompt per line (added to `prompts`)."""
+    negative_prompt: str = ""
+    reward: DDPOReward = "jpeg_compressibility"
+    reward_model: str = ""
+    """aesthetic / clip_score: a CLIP model folder (transformers layout) or hub id; blip_score: a BLIP ITM model."""
+    aesthetic_head: str = ""
+    """The LAION aesthetic predictor file (.pth or .safetensors) for reward = aesthetic."""
+    sample_steps: int = 50
+    eta: float = 1.0
+    guidance: float = 5.0
+    samples_per_epoch: int = 64
+    """Images sampled (and scored) per epoch; each is then trained on `inner_epochs` times."""
+    sample_batch_size: int = 8
+    inner_epochs: int = 1
+    timestep_fraction: float = 1.0
+    """Share of each trajectory's steps trained on (a random subset per sample)."""
+    clip_range: float = 1e-4
+    advantage_clip: float = 5.0
+    per_prompt_stats: bool = True
+    """Normalise rewards per prompt (over its recent rewards) rather than over the whole batch."""
+    stats_buffer: int = 32
+    stats_min_count: int = 16
 
 
 @dataclass
@@ -150,9 +199,10 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     full: FullConfig = field(default_factory=FullConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Method-specific sections of methods added later (textual_inversion, controlnet, ddpo)."""
 
     # ---- (de)serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +225,10 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError("config file not found", "pass the path of a .toml or .json config", where=str(path))
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ConfigError("the file is not UTF-8 text", "save it as UTF-8", where=str(path)) from None
         try:
             data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
@@ -188,7 +241,7 @@ class Config:
         cfg = dataclasses.replace(self, train=dataclasses.replace(self.train))
         t = cfg.train
         if t.steps <= 0:
-            t.steps = default_steps(num_images)
+            t.steps = DDPO_DEFAULT_EPOCHS * ddpo_steps_per_epoch(cfg) if t.method == "ddpo" else default_steps(num_images)
         if t.learning_rate <= 0:
             t.learning_rate = DEFAULT_LEARNING_RATES[t.method]
         if t.text_encoder_lr <= 0:
@@ -215,6 +268,15 @@ def default_steps(num_images: int) -> int:
     return int(min(1200, max(400, 100 * max(1, num_images))))
 
 
+DDPO_DEFAULT_EPOCHS = 50
+
+
+def ddpo_steps_per_epoch(cfg: "Config") -> int:
+    """Optimizer steps one DDPO epoch (sampling `samples_per_epoch` images, then training on them) takes."""
+    d, t = cfg.ddpo, cfg.train
+    return d.inner_epochs * d.samples_per_epoch // (t.batch_size * t.gradient_accumulation)
+
+
 def fill_template(text: str, trigger: str, class_noun: str) -> str:
     """Replace {trigger} and {class} and collapse the spaces an empty value leaves."""
     out = text.replace("{trigger}", trigger).replace("{class}", class_noun)
@@ -231,15 +293,17 @@ def validate(cfg: Config) -> None:
     m, d, t, lo, db, o = cfg.model, cfg.data, cfg.train, cfg.lora, cfg.dreambooth, cfg.output
     _check(bool(m.base.strip()), "model.base", "no base model given",
            "set it to a checkpoint file, a diffusers folder or a hub id")
-    _check(bool(d.folder or d.manifest), "data.folder", "no training data given",
+    _check(bool(d.folder or d.manifest) or t.method == "ddpo", "data.folder", "no training data given",
            "set data.folder to a folder of images (or data.manifest to a JSON-lines file)")
     _check(d.repeats >= 1, "data.repeats", f"must be at least 1, got {d.repeats}", "use 1 or more")
     _check(d.resolution >= 64 and d.resolution % 8 == 0, "data.resolution",
            f"must be a multiple of 8 and at least 64, got {d.resolution}", "use e.g. 512 (SD1.x), 768 (SD2) or 1024 (SDXL)")
     _check(d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step",
            f"must be a positive multiple of 8, got {d.bucket_step}", "use 64")
-    _check(0 < d.min_bucket_side <= d.max_bucket_side, "data.min_bucket_side",
-           "must be positive and not above data.max_bucket_side", "e.g. 256 and 1024")
+    _check(d.bucket_step <= d.resolution, "data.bucket_step", f"must not exceed data.resolution ({d.resolution})",
+           "use 64")
+    _check(d.min_bucket_side > 0 and (d.max_bucket_side == 0 or d.min_bucket_side <= d.max_bucket_side),
+           "data.min_bucket_side", "must be positive and not above data.max_bucket_side", "e.g. 256 and 1024")
     _check(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}", "use e.g. 0.05")
     _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",
            f"must be in [0, 1), got {d.validation_fraction}", "use e.g. 0.1, or 0 for none")
@@ -274,6 +338,81 @@ def validate(cfg: Config) -> None:
     for name in ("checkpoint_every", "save_every", "sample_every", "validation_every", "keep_checkpoints"):
         _check(getattr(o, name) >= 0, f"output.{name}", f"must not be negative, got {getattr(o, name)}", "use 0 to disable")
     _check(o.sample_steps >= 1, "output.sample_steps", f"must be at least 1, got {o.sample_steps}", "use e.g. 20")
+    {"textual_inversion": _validate_textual_inversion, "controlnet": _validate_controlnet,
+     "ddpo": _validate_ddpo}.get(t.method, lambda cfg: None)(cfg)
+
+
+def _validate_textual_inversion(cfg: Config) -> None:
+    ti, d = cfg.textual_inversion, cfg.data
+    _check(bool(d.trigger_word.strip()) and len(d.trigger_word.split()) == 1, "data.trigger_word",
+           "textual inversion needs one trigger word: the word in the captions that the new embedding stands for",
+           "set data.trigger_word to a single made-up word, e.g. 'sks' or 'my-cat'")
+    _check(1 <= ti.num_vectors <= 75, "textual_inversion.num_vectors", f"must be 1-75, got {ti.num_vectors}",
+           "use 1-4 for a subject, up to 16 for a style")
+    _check(not cfg.dreambooth.enabled, "dreambooth.enabled", "DreamBooth prior preservation is for LoRA and full "
+           "fine-tuning", "turn dreambooth.enabled off for textual inversion")
+
+
+def _validate_controlnet(cfg: Config) -> None:
+    c = cfg.controlnet
+    if c.control_folder:
+        folder = Path(c.control_folder).expanduser()
+        _check(folder.is_dir(), "controlnet.control_folder", f"folder not found: {folder}",
+               "point it at the folder of control maps (same file names as the training images), or leave it empty "
+               "to make maps with controlnet.preprocessor")
+    else:
+        from .preprocess import PREPROCESSORS
+
+        _check(c.preprocessor in PREPROCESSORS, "controlnet.preprocessor", f"unknown preprocessor {c.preprocessor!r}",
+               f"use one of {', '.join(PREPROCESSORS)}, or set controlnet.control_folder")
+    _check(math.isfinite(c.conditioning_scale) and c.conditioning_scale > 0, "controlnet.conditioning_scale",
+           f"must be a positive number, got {c.conditioning_scale}", "use 1.0")
+    _check(not cfg.dreambooth.enabled, "dreambooth.enabled", "DreamBooth prior preservation is for LoRA and full "
+           "fine-tuning", "turn dreambooth.enabled off for ControlNet training")
+
+
+def _validate_ddpo(cfg: Config) -> None:
+    p, t = cfg.ddpo, cfg.train
+    if p.prompt_file:
+        _check(Path(p.prompt_file).expanduser().is_file(), "ddpo.prompt_file", f"file not found: {p.prompt_file}",
+               "point it at a text file with one prompt per line, or list them in ddpo.prompts")
+    _check(bool(ddpo_prompts(p)), "ddpo.prompts", "DDPO needs at least one prompt to sample images from",
+           'set ddpo.prompts, e.g. ["a photo of a cat"], or ddpo.prompt_file')
+    if p.reward in ("aesthetic", "clip_score", "blip_score"):
+        _check(bool(p.reward_model.strip()), "ddpo.reward_model", f"reward {p.reward!r} needs a model",
+               "set it to a local CLIP model folder (aesthetic, clip_score) or BLIP ITM folder (blip_score), or use "
+               "reward jpeg_compressibility, which needs no weights")
+    if p.reward == "aesthetic":
+        _check(Path(p.aesthetic_head).expanduser().is_file(), "ddpo.aesthetic_head",
+               f"the aesthetic predictor file was not found: {p.aesthetic_head or '(empty)'}",
+               "download sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor) and set its path")
+    for name in ("sample_steps", "samples_per_epoch", "sample_batch_size", "inner_epochs", "stats_buffer"):
+        _check(getattr(p, name) >= 1, f"ddpo.{name}", f"must be at least 1, got {getattr(p, name)}", "use 1 or more")
+    _check(p.sample_steps <= 1000, "ddpo.sample_steps", f"must be at most 1000, got {p.sample_steps}", "use e.g. 50")
+    _check(p.eta > 0, "ddpo.eta", f"must be positive (DDPO needs a stochastic sampler), got {p.eta}", "use 1.0")
+    _check(p.guidance >= 1, "ddpo.guidance", f"must be at least 1, got {p.guidance}", "use e.g. 5")
+    _check(0 < p.timestep_fraction <= 1, "ddpo.timestep_fraction", f"must be in (0, 1], got {p.timestep_fraction}",
+           "use 1.0, or e.g. 0.5 to train on half the steps")
+    _check(p.clip_range > 0, "ddpo.clip_range", f"must be positive, got {p.clip_range}", "use 1e-4")
+    _check(p.advantage_clip > 0, "ddpo.advantage_clip", f"must be positive, got {p.advantage_clip}", "use 5")
+    _check(0 <= p.stats_min_count <= p.stats_buffer, "ddpo.stats_min_count",
+           f"must be between 0 and ddpo.stats_buffer ({p.stats_buffer}), got {p.stats_min_count}", "use e.g. 16")
+    per_step = t.batch_size * t.gradient_accumulation
+    _check(p.samples_per_epoch % per_step == 0, "ddpo.samples_per_epoch",
+           f"must be a multiple of train.batch_size × train.gradient_accumulation ({per_step}), got "
+           f"{p.samples_per_epoch}", f"use e.g. {per_step * max(1, round(p.samples_per_epoch / per_step))}")
+    _check(p.samples_per_epoch % p.sample_batch_size == 0, "ddpo.sample_batch_size",
+           f"must divide ddpo.samples_per_epoch ({p.samples_per_epoch}), got {p.sample_batch_size}",
+           "use e.g. 4 or 8")
+
+
+def ddpo_prompts(cfg: DDPOConfig) -> list[str]:
+    """`prompts` followed by the non-empty lines of `prompt_file`."""
+    prompts = [p.strip() for p in cfg.prompts if p.strip()]
+    path = Path(cfg.prompt_file).expanduser() if cfg.prompt_file else None
+    if path is not None and path.is_file():
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
 
 
 # ---- building dataclasses from plain dicts, with field names in errors ----------------------------------
@@ -326,8 +465,4 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"expected a list of texts, got {value!r}", 'write e.g. ["a photo of sks dog"]', where=where)
         return list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"expected a table, got {value!r}", "write a table of settings", where=where)
-        return dict(value)
     return value

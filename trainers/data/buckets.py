@@ -45,7 +45,7 @@ class BucketGrid:
         """The grid `cfg` asks for; with `buckets = false` that is the single square bucket of `resolution`."""
         if not cfg.buckets:
             return cls(cfg.resolution, step=cfg.resolution, min_side=cfg.resolution, max_side=cfg.resolution)
-        return cls(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
+        return cls(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side or 2 * cfg.resolution)
 
     def assign(self, width: int, height: int) -> tuple[int, int]:
         """The bucket whose aspect ratio is closest to the image's (on a log scale, so 2:1 and 1:2 are symmetric)."""
