@@ -1,5 +1,112 @@
-import sys
+"""Fixtures shared by every test: a real ComfyUI server with the pack (one per session), a client for it, extra
+servers on demand, and a real Chromium for browser tests. Tests under tests/integration and tests/browser get the
+`integration` / `browser` marker from their folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 from pathlib import Path
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+
+import pytest
+
+from tests.comfy.browser import browser_missing, launch_chromium, open_comfy
+from tests.comfy.client import ComfyClient
+from tests.comfy.server import (ServerError, check_pack_loaded, expected_node_ids, prepare_host, start_server,
+                               tiny_checkpoint_name)
+
+TESTS = Path(__file__).resolve().parent
+FOLDER_MARKERS = {"integration": "integration", "browser": "browser"}
+
+
+HF_HOME_KEY = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Nothing in a test may reach the model hub, or read a stray accelerate/hub config from the user's home.
+    config.stash[HF_HOME_KEY] = tempfile.mkdtemp(prefix="finetune-hf-home-")
+    os.environ["HF_HOME"] = config.stash[HF_HOME_KEY]
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if HF_HOME_KEY in config.stash:
+        shutil.rmtree(config.stash[HF_HOME_KEY], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(item.path)
+        if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[path.relative_to(TESTS).parts[0]])
+
+
+@pytest.fixture(scope="session")
+def comfyui_dir() -> Path:
+    """ComfyUI with the pack linked and the tiny models installed."""
+    return prepare_host()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(comfyui_dir: Path) -> str:
+    """The tiny random SD1 checkpoint's name in ComfyUI's checkpoint lists."""
+    return tiny_checkpoint_name(comfyui_dir, "sd1")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One ComfyUI server for the session. Fails every test that uses it if the pack did not load completely."""
+    expected, warnings = expected_node_ids(comfyui_dir)
+    server = start_server(comfyui_dir, tmp_path_factory.mktemp("comfyui"))
+    try:
+        if warnings:
+            raise server.fail("the pack disabled nodes although every requirement is installed:\n  "
+                              + "\n  ".join(warnings))
+        check_pack_loaded(server, expected)
+    except ServerError as error:
+        server.stop()
+        pytest.fail(str(error), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def comfy(comfy_server) -> ComfyClient:
+    """A client of the session's server."""
+    return ComfyClient(comfy_server.base_url)
+
+
+@pytest.fixture
+def start_extra_server(comfyui_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`start(extra_env=..., pythonpath_first=[...])` starts another server (stopped after the test)."""
+    started = []
+
+    def start(**options):
+        server = start_server(comfyui_dir, tmp_path_factory.mktemp("comfyui-extra"), **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium (a playwright Browser); skipped, loudly, where there is none."""
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    with launch_chromium() as chromium:
+        yield chromium
+
+
+@pytest.fixture
+def comfy_page(browser, comfy_server):
+    """ComfyUI's page on the session's server, ready to use; `.page` is the playwright Page."""
+    page = open_comfy(browser, comfy_server.base_url)
+    yield page
+    page.close()

@@ -1,4 +1,4 @@
-"""The saved-workflow → API-graph converter, on stock ComfyUI workflows and on small graphs written here.
+"""The saved-workflow → API-graph converter, on stock ComfyUI workflows and on small graphs of stock nodes.
 
 Fixtures in tests/comfy/fixtures/: `object_info_0.3.75.json` is a subset of `/object_info` recorded from a stock
 ComfyUI 0.3.75 server (no models installed); `default_txt2img.json` and `image2image.json` are the "default"
@@ -7,50 +7,17 @@ and "image2image" templates of ComfyUI's workflow templates package (MIT), as th
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from tests.comfy.workflow import WorkflowError, to_api_graph, widget_slots
+from tests.comfy import sample_workflows as samples
+from tests.comfy.sample_workflows import node, workflow
+from tests.comfy.workflow import BYPASSED, MUTED, WorkflowError, to_api_graph, widget_slots
 
-FIXTURES = Path(__file__).resolve().parent.parent / "comfy" / "fixtures"
-OBJECT_INFO = json.loads((FIXTURES / "object_info_0.3.75.json").read_text())
-
-
-def load(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
-
-
-def node(node_id, kind, widgets=None, inputs=(), outputs=(), mode=0, title=None):
-    """A saved node: inputs are (name, type, link) or (name, type, link, widget name) tuples."""
-    saved = {
-        "id": node_id, "type": kind, "mode": mode,
-        "inputs": [{"name": i[0], "type": i[1], "link": i[2], **({"widget": {"name": i[3]}} if len(i) > 3 else {})}
-                   for i in inputs],
-        "outputs": [{"name": o, "type": o, "links": []} for o in outputs],
-    }
-    if widgets is not None:
-        saved["widgets_values"] = widgets
-    if title:
-        saved["title"] = title
-    return saved
-
-
-def workflow(*nodes, links=()):
-    return {"nodes": list(nodes), "links": [list(link) for link in links], "version": 0.4}
-
-
-CKPT = node(1, "CheckpointLoaderSimple", ["tiny.safetensors"], outputs=("MODEL", "CLIP", "VAE"))
-
-
-def ksampler(node_id=3, model_link=10, seed=7, extra_inputs=()):
-    return node(node_id, "KSampler", [seed, "randomize", 4, 6.5, "euler", "normal", 1.0],
-                inputs=(("model", "MODEL", model_link), *extra_inputs))
+OBJECT_INFO = samples.load_fixture("object_info_0.3.75.json")
 
 
 def test_stock_default_graph_converts_to_the_api_graph_the_frontend_queues():
-    api = to_api_graph(load("default_txt2img.json"), OBJECT_INFO)
+    api = to_api_graph(samples.load_fixture("default_txt2img.json"), OBJECT_INFO)
 
     assert api == {
         "3": {"class_type": "KSampler", "_meta": {"title": "KSampler"}, "inputs": {
@@ -72,7 +39,7 @@ def test_stock_default_graph_converts_to_the_api_graph_the_frontend_queues():
 
 
 def test_stock_image2image_skips_notes_and_the_upload_button_and_maps_a_v3_node():
-    api = to_api_graph(load("image2image.json"), OBJECT_INFO)
+    api = to_api_graph(samples.load_fixture("image2image.json"), OBJECT_INFO)
 
     assert sorted(api, key=int) == ["3", "6", "7", "8", "9", "10", "12", "14", "18"]  # no MarkdownNotes
     assert api["10"]["inputs"] == {"image": "image2image_input_image.jpg"}
@@ -96,8 +63,7 @@ def test_seed_control_slots_are_skipped_for_legacy_and_v3_nodes():
 
 
 def test_ksampler_advanced_values_land_on_their_inputs():
-    graph = workflow(CKPT, node(2, "KSamplerAdvanced", ["enable", 99, "fixed", 12, 5.0, "ddim", "karras", 2, 10, "disable"],
-                                inputs=(("model", "MODEL", 10),)), links=[(10, 1, 0, 2, 0, "MODEL")])
+    graph = samples.ksampler_advanced()
 
     inputs = to_api_graph(graph, OBJECT_INFO)["2"]["inputs"]
 
@@ -107,11 +73,7 @@ def test_ksampler_advanced_values_land_on_their_inputs():
 
 
 def test_primitive_node_value_replaces_the_converted_widget():
-    graph = workflow(
-        CKPT,
-        node(5, "PrimitiveNode", [1234, "fixed"], outputs=("INT",)),
-        ksampler(seed=7, extra_inputs=(("seed", "INT", 11, "seed"),)),
-        links=[(10, 1, 0, 3, 0, "MODEL"), (11, 5, 0, 3, 1, "INT")])
+    graph = samples.seed_from_primitive_node()
 
     api = to_api_graph(graph, OBJECT_INFO)
 
@@ -120,11 +82,7 @@ def test_primitive_node_value_replaces_the_converted_widget():
 
 
 def test_v3_primitive_int_is_a_real_node_and_feeds_a_link():
-    graph = workflow(
-        CKPT,
-        node(5, "PrimitiveInt", [77, "increment"], outputs=("INT",)),
-        ksampler(extra_inputs=(("seed", "INT", 11, "seed"),)),
-        links=[(10, 1, 0, 3, 0, "MODEL"), (11, 5, 0, 3, 1, "INT")])
+    graph = samples.seed_from_v3_primitive_int()
 
     api = to_api_graph(graph, OBJECT_INFO)
 
@@ -133,12 +91,7 @@ def test_v3_primitive_int_is_a_real_node_and_feeds_a_link():
 
 
 def test_reroutes_are_followed_to_the_real_output():
-    graph = workflow(
-        CKPT,
-        node(20, "Reroute", inputs=(("", "*", 10),), outputs=("MODEL",)),
-        node(21, "Reroute", inputs=(("", "*", 11),), outputs=("MODEL",)),
-        ksampler(model_link=12),
-        links=[(10, 1, 0, 20, 0, "MODEL"), (11, 20, 0, 21, 0, "MODEL"), (12, 21, 0, 3, 0, "MODEL")])
+    graph = samples.model_through_two_reroutes()
 
     api = to_api_graph(graph, OBJECT_INFO)
 
@@ -146,16 +99,8 @@ def test_reroutes_are_followed_to_the_real_output():
     assert set(api) == {"1", "3"}
 
 
-def lora_graph(lora_mode: int) -> dict:
-    lora = node(2, "LoraLoader", ["style.safetensors", 0.8, 1.0], mode=lora_mode,
-                inputs=(("model", "MODEL", 10), ("clip", "CLIP", 11)), outputs=("MODEL", "CLIP"))
-    text = node(4, "CLIPTextEncode", ["a toy robot"], inputs=(("clip", "CLIP", 13),))
-    return workflow(CKPT, lora, ksampler(model_link=12), text, links=[
-        (10, 1, 0, 2, 0, "MODEL"), (11, 1, 1, 2, 1, "CLIP"), (12, 2, 0, 3, 0, "MODEL"), (13, 2, 1, 4, 0, "CLIP")])
-
-
 def test_bypassed_node_passes_each_input_through_by_type():
-    api = to_api_graph(lora_graph(lora_mode=4), OBJECT_INFO)
+    api = to_api_graph(samples.lora_between_checkpoint_and_sampler(BYPASSED), OBJECT_INFO)
 
     assert "2" not in api
     assert api["3"]["inputs"]["model"] == ["1", 0]
@@ -163,7 +108,7 @@ def test_bypassed_node_passes_each_input_through_by_type():
 
 
 def test_muted_node_is_left_out_with_the_inputs_it_fed():
-    api = to_api_graph(lora_graph(lora_mode=2), OBJECT_INFO)
+    api = to_api_graph(samples.lora_between_checkpoint_and_sampler(MUTED), OBJECT_INFO)
 
     assert "2" not in api
     assert "model" not in api["3"]["inputs"]
@@ -171,7 +116,7 @@ def test_muted_node_is_left_out_with_the_inputs_it_fed():
 
 
 def test_active_lora_is_linked_and_keeps_its_widgets():
-    api = to_api_graph(lora_graph(lora_mode=0), OBJECT_INFO)
+    api = to_api_graph(samples.lora_between_checkpoint_and_sampler(0), OBJECT_INFO)
 
     assert api["2"]["inputs"] == {"lora_name": "style.safetensors", "strength_model": 0.8, "strength_clip": 1.0,
                                   "model": ["1", 0], "clip": ["1", 1]}
