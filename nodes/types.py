@@ -16,6 +16,26 @@ LoraType = io.Custom("FINETUNE_LORA")
 CAPTION_MODES = ("keep", "overwrite", "append")
 
 
+class NodeError(Exception):
+    """A problem stated for the person at the graph: what is wrong, which input or file, and what to do.
+
+    ComfyUI titles its error dialog with the exception's module and name; a short module keeps that readable."""
+
+
+NodeError.__module__ = "finetune"
+
+
+def node_error(exc: Exception, inputs: dict[str, str]) -> NodeError:
+    """A trainer error (`FinetuneError`: problem, fix, where) restated with the node's input names in place of the
+    config fields in `inputs` ({"lora.rank": "rank", ...})."""
+    problem, fix, where = getattr(exc, "problem", str(exc)), getattr(exc, "fix", ""), getattr(exc, "where", "")
+    for field_name, input_name in sorted(inputs.items(), key=lambda kv: -len(kv[0])):
+        fix = fix.replace(field_name, f"the `{input_name}` input")
+    where = f"`{inputs[where]}`" if where in inputs else where
+    text = f"{where}: {problem}" if where else problem
+    return NodeError(f"{text} — {fix}" if fix else text)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One training image: a file on disk, or pixels from another node (`pixels`: HxWx3 float tensor in [0, 1])."""
@@ -72,6 +92,16 @@ class TrainedLora:
     path: str
     family: str
     trigger_word: str = ""
+
+
+def image_batch(images: list[Any], size: tuple[int, int]) -> Any:
+    """PIL images as one ComfyUI IMAGE batch (N, H, W, 3) in [0, 1], each centre-cropped and scaled to `size`."""
+    import numpy as np
+    import torch
+    from PIL import ImageOps
+
+    arrays = [np.asarray(ImageOps.fit(image.convert("RGB"), size), dtype=np.float32) / 255.0 for image in images]
+    return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((1, size[1], size[0], 3))
 
 
 _DIGEST_CACHE: dict[tuple[str, int, int], bytes] = {}

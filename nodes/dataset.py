@@ -1,0 +1,172 @@
+"""Load Training Images: a folder (or an IMAGE batch) becomes a dataset, scanned exactly as the CLI scans it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..trainers.config import Config
+from ..trainers.data.images import MIN_SIDE, load_image
+from ..trainers.data.scan import scan_dataset
+from ..trainers.errors import FinetuneError
+from .types import DatasetType, Entry, NodeError, TrainingImages, image_batch, node_error
+
+NO_FOLDER = "(none)"
+PREVIEW_LIMIT = 64
+PREVIEW_SIDE = 256
+DATA_INPUTS = {"data.folder": "path", "data.repeats": "repeats", "data.resolution": "resolution", "data.crop": "crop",
+               "data.flip": "flip", "data.buckets": "bucketing"}
+
+
+class LoadTrainingImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        folders = folder_paths.get_input_subfolders()
+        return io.Schema(
+            node_id="FinetuneLoadTrainingImages",
+            display_name="Load Training Images",
+            category="finetune/dataset",
+            description="Images and their captions for training: a folder with optional .txt captions beside each "
+                        "image, or an IMAGE batch. Every image is checked now, so a broken file is reported here.",
+            inputs=[
+                io.Combo.Input("folder", options=[NO_FOLDER, *folders], default=folders[0] if folders else NO_FOLDER,
+                               tooltip="A subfolder of ComfyUI's input folder. Images in its subfolders are included; "
+                                       "a caption is read from a .txt file of the same name."),
+                io.String.Input("path", default="", placeholder="e.g. /photos/my_dog or my_dog",
+                                tooltip="A folder typed in instead: absolute, or relative to ComfyUI's input folder. "
+                                        "When set, it is used instead of `folder`."),
+                io.Int.Input("repeats", default=1, min=1, max=1000,
+                             tooltip="How often each image is seen per epoch (raise it for a small set of images)."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                             tooltip="Training side length in pixels: 512 for SD1.x, 768 for SD2.x, 1024 for SDXL."),
+                io.Combo.Input("crop", options=["center", "random"], default="center",
+                               tooltip="How an image is cut to its training size: from the centre, or at a random "
+                                       "spot each time (more variety, may cut off the subject)."),
+                io.Boolean.Input("flip", default=False,
+                                 tooltip="Also train on mirror images (doubles the variety; avoid for text or "
+                                         "asymmetric subjects)."),
+                io.Boolean.Input("bucketing", default=True,
+                                 tooltip="Keep each image's aspect ratio by grouping similar shapes, instead of "
+                                         "cropping everything square."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Train on these images instead of a folder (e.g. from Load Image)."),
+                io.String.Input("captions", multiline=True, default="", optional=True,
+                                tooltip="Captions for the `images` input: one line per image, or a single line for "
+                                        "all of them. Ignored for a folder (use .txt files there)."),
+            ],
+            outputs=[
+                DatasetType.Output("dataset", tooltip="The training images with their captions and options; connect "
+                                                      "to a caption node or a Train node."),
+                io.Image.Output("preview", tooltip=f"The first {PREVIEW_LIMIT} images, cropped square to one size for viewing."),
+                io.String.Output("report", tooltip="How many images were found, their captions and sizes, and "
+                                                   "every skipped file with the reason."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs) -> bool:
+        # Taking over ComfyUI's own list/range checks lets a missing folder or a bad value end as an execution
+        # error that names the input and the fix, instead of a bare "value not in list".
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str = NO_FOLDER, path: str = "", **kwargs) -> str:
+        """Changes when a file in the folder is added, removed or edited, so the images are read again."""
+        try:
+            root = resolve_folder(folder, path)
+        except NodeError:
+            return ""
+        digest = hashlib.sha256(str(root).encode())
+        for current, dirs, files in os.walk(root, followlinks=True):
+            dirs.sort()
+            for name in sorted(files):
+                try:
+                    stat = os.stat(os.path.join(current, name))
+                except OSError:
+                    continue
+                digest.update(f"{current}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+    @classmethod
+    def execute(cls, folder: str, path: str, repeats: int, resolution: int, crop: str, flip: bool, bucketing: bool,
+                images=None, captions: str = "") -> io.NodeOutput:
+        options = {"resolution": resolution, "crop": crop, "flip": flip, "buckets": bucketing}
+        check_options(repeats, options)
+        if images is not None:
+            dataset = from_image_batch(images, captions, repeats, options)
+            report = f"{len(dataset.entries)} image(s) from the `images` input, " \
+                     f"{sum(1 for e in dataset.entries if e.caption)} with a caption"
+        else:
+            dataset, report = from_folder(resolve_folder(folder, path), repeats, options)
+        preview = image_batch(preview_images(dataset), (min(resolution, PREVIEW_SIDE),) * 2)
+        if len(dataset.entries) > PREVIEW_LIMIT:
+            report += f"\n(the preview shows the first {PREVIEW_LIMIT})"
+        return io.NodeOutput(dataset, preview, report)
+
+
+def resolve_folder(folder: str, path: str) -> Path:
+    text = path.strip() or ("" if folder == NO_FOLDER else folder)
+    if not text:
+        raise NodeError("no images given — choose a `folder`, type a `path`, or connect the `images` input")
+    candidate = Path(text).expanduser()
+    if not candidate.is_absolute():
+        candidate = Path(folder_paths.get_input_directory()) / candidate
+    if not candidate.is_dir():
+        problem = "is a file, not a folder" if candidate.exists() else "does not exist"
+        raise NodeError(f"the image folder {candidate} {problem} — fix `path` (absolute, or relative to ComfyUI's "
+                        "input folder) or choose another `folder`")
+    return candidate
+
+
+def check_options(repeats: int, options: dict) -> None:
+    """The dataset's values, checked by the trainer's own rules (a placeholder model: none is chosen here)."""
+    data = {"folder": "-", "repeats": repeats, **options}
+    try:
+        Config.from_dict({"model": {"base": "-"}, "data": data}).validate()
+    except FinetuneError as exc:
+        raise node_error(exc, DATA_INPUTS) from None
+
+
+def from_folder(root: Path, repeats: int, options: dict) -> tuple[TrainingImages, str]:
+    try:
+        scan = scan_dataset(Config.from_dict({"data": {"folder": str(root), "repeats": repeats, **options}}).data)
+    except FinetuneError as exc:
+        raise node_error(exc, DATA_INPUTS) from None
+    entries = tuple(Entry(caption=item.caption, path=str(item.path), repeats=item.repeats) for item in scan.items)
+    skipped = tuple((str(path), reason) for path, reason in scan.skipped)
+    return TrainingImages(entries, str(root), options, skipped), f"{root}\n{scan.report()}"
+
+
+def from_image_batch(images, captions: str, repeats: int, options: dict) -> TrainingImages:
+    count, height, width = images.shape[0], images.shape[1], images.shape[2]
+    if min(height, width) < MIN_SIDE:
+        raise NodeError(f"the `images` input is {width}×{height}; both sides must be at least {MIN_SIDE} px — "
+                        "connect larger images")
+    lines = [" ".join(line.split()) for line in (captions or "").splitlines() if line.strip()]
+    if len(lines) not in (0, 1, count):
+        raise NodeError(f"`captions` has {len(lines)} lines for {count} images — write one line per image, "
+                        "a single line for all, or nothing")
+    texts = lines * count if len(lines) == 1 else lines or [""] * count
+    entries = tuple(Entry(caption=text, pixels=images[n].detach().cpu().clone(), repeats=repeats)
+                    for n, text in enumerate(texts))
+    return TrainingImages(entries, "images input", options)
+
+
+def preview_images(dataset: TrainingImages) -> list:
+    from PIL import Image
+
+    side = PREVIEW_SIDE * 2
+    shown = []
+    for entry in dataset.entries[:PREVIEW_LIMIT]:
+        if entry.path is not None:
+            shown.append(load_image(entry.path, at_least=(side, side)))
+        else:
+            shown.append(Image.fromarray((entry.pixels.numpy() * 255).round().clip(0, 255).astype("uint8")))
+    return shown
+
+
+NODES = [LoadTrainingImages]
