@@ -13,7 +13,7 @@ from ..trainers.config import Config
 from ..trainers.data.images import MIN_SIDE, load_image
 from ..trainers.data.scan import scan_dataset
 from ..trainers.errors import FinetuneError
-from .types import DatasetType, Entry, NodeError, TrainingImages, image_batch, node_error
+from .types import DatasetType, Entry, NodeError, TrainingImages, image_batch, node_error, pixels_to_pil
 
 NO_FOLDER = "(none)"
 PREVIEW_LIMIT = 64
@@ -61,7 +61,8 @@ class LoadTrainingImages(io.ComfyNode):
             outputs=[
                 DatasetType.Output("dataset", tooltip="The training images with their captions and options; connect "
                                                       "to a caption node or a Train node."),
-                io.Image.Output("preview", tooltip=f"The first {PREVIEW_LIMIT} images, cropped square to one size for viewing."),
+                io.Image.Output("preview", tooltip=f"The first {PREVIEW_LIMIT} images, cropped square to one size "
+                                                   "for viewing."),
                 io.String.Output("report", tooltip="How many images were found, their captions and sizes, and "
                                                    "every skipped file with the reason."),
             ],
@@ -157,16 +158,9 @@ def from_image_batch(images, captions: str, repeats: int, options: dict) -> Trai
 
 
 def preview_images(dataset: TrainingImages) -> list:
-    from PIL import Image
-
     side = PREVIEW_SIDE * 2
-    shown = []
-    for entry in dataset.entries[:PREVIEW_LIMIT]:
-        if entry.path is not None:
-            shown.append(load_image(entry.path, at_least=(side, side)))
-        else:
-            shown.append(Image.fromarray((entry.pixels.numpy() * 255).round().clip(0, 255).astype("uint8")))
-    return shown
+    return [load_image(entry.path, at_least=(side, side)) if entry.path is not None else pixels_to_pil(entry.pixels)
+            for entry in dataset.entries[:PREVIEW_LIMIT]]
 
 
 NODES = [LoadTrainingImages]

@@ -104,6 +104,13 @@ def image_batch(images: list[Any], size: tuple[int, int]) -> Any:
     return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((1, size[1], size[0], 3))
 
 
+def pixels_to_pil(pixels: Any) -> Any:
+    """One picture of an IMAGE batch ((H, W, 3) floats in [0, 1]) as an 8-bit RGB PIL image."""
+    from PIL import Image
+
+    return Image.fromarray((pixels.detach().cpu().float().clamp(0, 1) * 255).round().byte().numpy(), "RGB")
+
+
 _DIGEST_CACHE: dict[tuple[str, int, int], bytes] = {}
 
 
