@@ -18,6 +18,8 @@ from .errors import ConfigError
 
 Method = Literal["lora", "full", "textual_inversion", "controlnet", "ddpo"]
 METHODS: tuple[str, ...] = get_args(Method)
+METHODS_WITHOUT_IMAGES: tuple[str, ...] = ("ddpo",)
+"""Methods that make their own training data (DDPO samples from the model) and need no image folder."""
 
 
 @dataclass
@@ -293,8 +295,8 @@ def validate(cfg: Config) -> None:
     m, d, t, lo, db, o = cfg.model, cfg.data, cfg.train, cfg.lora, cfg.dreambooth, cfg.output
     _check(bool(m.base.strip()), "model.base", "no base model given",
            "set it to a checkpoint file, a diffusers folder or a hub id")
-    _check(bool(d.folder or d.manifest) or t.method == "ddpo", "data.folder", "no training data given",
-           "set data.folder to a folder of images (or data.manifest to a JSON-lines file)")
+    _check(bool(d.folder or d.manifest) or t.method in METHODS_WITHOUT_IMAGES, "data.folder",
+           "no training data given", "set data.folder to a folder of images (or data.manifest to a JSON-lines file)")
     _check(d.repeats >= 1, "data.repeats", f"must be at least 1, got {d.repeats}", "use 1 or more")
     _check(d.resolution >= 64 and d.resolution % 8 == 0, "data.resolution",
            f"must be a multiple of 8 and at least 64, got {d.resolution}", "use e.g. 512 (SD1.x), 768 (SD2) or 1024 (SDXL)")
@@ -361,10 +363,14 @@ def _validate_controlnet(cfg: Config) -> None:
                "point it at the folder of control maps (same file names as the training images), or leave it empty "
                "to make maps with controlnet.preprocessor")
     else:
-        from .preprocess import PREPROCESSORS
+        from .preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS
 
         _check(c.preprocessor in PREPROCESSORS, "controlnet.preprocessor", f"unknown preprocessor {c.preprocessor!r}",
                f"use one of {', '.join(PREPROCESSORS)}, or set controlnet.control_folder")
+        _check(c.preprocessor not in NEEDS_DEPTH_MODEL, "controlnet.preprocessor",
+               f"{c.preprocessor} maps need a depth model, so training does not make them on the fly",
+               "make the maps once (e.g. with the Control Map node), save them beside the images' names in a folder "
+               "and set controlnet.control_folder")
     _check(math.isfinite(c.conditioning_scale) and c.conditioning_scale > 0, "controlnet.conditioning_scale",
            f"must be a positive number, got {c.conditioning_scale}", "use 1.0")
     _check(not cfg.dreambooth.enabled, "dreambooth.enabled", "DreamBooth prior preservation is for LoRA and full "
