@@ -17,9 +17,7 @@ from tests.comfy.server import (ServerError, check_pack_loaded, expected_node_id
                                tiny_checkpoint_name)
 
 TESTS = Path(__file__).resolve().parent
-FOLDER_MARKERS = {"integration": "integration", "browser": "browser"}
-
-
+MARKED_FOLDERS = ("integration", "browser")  # each folder's tests get the marker of the same name
 HF_HOME_KEY = pytest.StashKey[str]()
 
 
@@ -38,8 +36,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = Path(item.path)
-        if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in FOLDER_MARKERS:
-            item.add_marker(FOLDER_MARKERS[path.relative_to(TESTS).parts[0]])
+        folder = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
+        if folder in MARKED_FOLDERS:
+            item.add_marker(folder)
 
 
 @pytest.fixture(scope="session")
@@ -60,17 +59,21 @@ def comfy_server(comfyui_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     expected, warnings = expected_node_ids(comfyui_dir)
     server = start_server(comfyui_dir, tmp_path_factory.mktemp("comfyui"))
     try:
+        require_complete_pack(server, expected, warnings)
+        yield server
+    finally:
+        server.stop()
+
+
+def require_complete_pack(server, expected: set[str], warnings: list[str]) -> None:
+    """Fail (the message and the log's tail, no traceback) unless every node of the pack loaded."""
+    try:
         if warnings:
             raise server.fail("the pack disabled nodes although every requirement is installed:\n  "
                               + "\n  ".join(warnings))
         check_pack_loaded(server, expected)
     except ServerError as error:
-        server.stop()
         pytest.fail(str(error), pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
