@@ -126,7 +126,11 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         if method.trains_text_encoder:
             for te in base.text_encoders:
                 te.gradient_checkpointing_enable()
-    method.prep = BatchPreparer(base, cache_latents=cfg.train.cache_latents and plan.dataset.pixels_are_static,
+    if plan.dataset is not None:
+        plan = dataclasses.replace(plan, dataset=method.prepare_dataset(plan.dataset), validation=(
+            method.prepare_dataset(plan.validation) if plan.validation is not None else None))
+    static_pixels = plan.dataset is not None and plan.dataset.pixels_are_static
+    method.prep = BatchPreparer(base, cache_latents=cfg.train.cache_latents and static_pixels,
                                 cache_text=cfg.train.cache_text_embeddings and not method.trains_text_encoder)
 
     groups = method.parameter_groups()
@@ -139,8 +143,6 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     optimizer = accelerator.prepare(optimizer)
 
     # ---- data ------------------------------------------------------------------------------------------
-    sampler = BucketBatchSampler(plan.dataset, cfg.train.batch_size, seed=cfg.train.seed,
-                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + accelerator.process_index)
     state = LoopState()
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -150,7 +152,11 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         method.load_trainable_state(trainable_state)
         method.load_extra_state(extra)
         events.emit("status", message=f"resumed from {checkpoint.name}", step=state.step)
-    stream = DataStream(plan.dataset, sampler, state.micro_step)
+    stream = method.data_stream(state.micro_step, generator)
+    if stream is None:
+        sampler = BucketBatchSampler(plan.dataset, cfg.train.batch_size, seed=cfg.train.seed,
+                                     num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+        stream = DataStream(plan.dataset, sampler, state.micro_step)
     prior_stream = _prior_stream(cfg, base, accelerator, events, state.micro_step)
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -158,7 +164,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
                          tag_frequency=tag_frequency([item.caption for item in plan.scan.items]),
                          started_at=time.time())
     throughput = Throughput()
-    total, accum = cfg.train.steps, cfg.train.gradient_accumulation
+    total, accum = cfg.train.steps, method.micro_steps_per_step()
     loss_avg = state.loss_avg
     last_checkpoint: Path | None = checkpoint
 
@@ -194,7 +200,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
                 loss, logs = method.compute_loss(batch, generator)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
-                        f"the loss became {float(loss)} at step {state.step + 1}; nothing after step "
+                        f"the loss became {float(loss.detach())} at step {state.step + 1}; nothing after step "
                         f"{state.step} was saved (last good checkpoint: {last_checkpoint or 'none'})",
                         "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)",
                         where="train")
