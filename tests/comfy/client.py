@@ -169,6 +169,8 @@ class EventListener:
                 continue
             except (websocket.WebSocketException, OSError):
                 return
+            if not message:
+                return  # the connection was closed
             if not isinstance(message, str):
                 continue  # binary frames are preview images
             event = json.loads(message)

@@ -120,16 +120,11 @@ def prepare_host(families: Iterable[str] = ("sd1",)) -> Path:
 
 
 def tiny_checkpoint_name(comfy_dir: Path, family: str = "sd1") -> str:
-    """The tiny checkpoint's name as ComfyUI's checkpoint inputs list it (relative to models/checkpoints)."""
+    """The tiny checkpoint's name as ComfyUI's checkpoint inputs list it (installing it when it is not there)."""
     from scripts import tiny_models
 
-    path = Path(tiny_models.comfy_checkpoint(family))
-    checkpoints = Path(comfy_dir) / "models" / "checkpoints"
-    if path.is_relative_to(checkpoints):
-        return path.relative_to(checkpoints).as_posix()
-    if (checkpoints / path.name).exists():
-        return path.name
-    raise ServerError(f"the tiny {family} checkpoint {path} is not installed in {checkpoints}")
+    installed = tiny_models.install_into(comfy_dir, families=(family,))[family]
+    return installed.relative_to(Path(comfy_dir) / "models" / "checkpoints").as_posix()
 
 
 def start_server(comfy_dir: Path, workdir: Path, *, output_dir: Path | None = None,
