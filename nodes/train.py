@@ -3,6 +3,7 @@ finished run), and the result lands in ComfyUI's models folder under a name no o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -18,6 +19,13 @@ from .charts import LossHistory, loss_chart
 from .runner import TrainingJob, run_training
 from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata
 from .types import DatasetType, LoraType, NodeError, TrainedLora, image_batch, node_error
+
+TRAINER_NEEDS = ("diffusers", "peft", "transformers", "accelerate", "safetensors")
+# The trainer runs in its own process: here it is enough to know its packages are installed, without the seconds
+# that importing them would add to ComfyUI's start.
+for _package in TRAINER_NEEDS:
+    if importlib.util.find_spec(_package) is None:
+        raise ModuleNotFoundError(f"No module named '{_package}'", name=_package)
 
 LORA_METHODS = {"LoRA": False, "DreamBooth LoRA (prior preservation)": True}
 CHECKPOINT_METHODS = {"Full fine-tune": False, "DreamBooth (prior preservation)": True}
