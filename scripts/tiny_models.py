@@ -61,7 +61,10 @@ _TINY_UNETS = {
              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 2],
              "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32},
 }
-_TINY_UNETS["sd2v"] = _TINY_UNETS["sd1"]
+# 12 output blocks, so that v-prediction shows in output block 11 as in the real SD2.x models
+_TINY_UNETS["sd2v"] = {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 2, "cross_attention_dim": 32,
+                       "sample_size": 8, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                       "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
 _COMFY_UNETS = {
     "sd1": {"block_out_channels": [320, 640], "layers_per_block": 1,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],

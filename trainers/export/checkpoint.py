@@ -178,8 +178,7 @@ def save_single_file(path: Path, base: "BaseModel", *, unet_state: Mapping[str, 
                      metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float16,
                      overwrite: bool = False) -> Path:
     """Write `base` as one .safetensors file in the original layout, atomically, with the given UNet and text
-    encoder weights in place of the base's own. An fp8 `dtype` stores matrices in fp8 and vectors in fp16.
-    A v-prediction model carries ComfyUI's `v_pred` marker."""
+    encoder weights in place of the base's own. An fp8 `dtype` stores matrices in fp8 and vectors in fp16."""
     path = Path(path)
     _refuse_existing(path, overwrite)
     unet_state = unet_state if unet_state is not None else base.unet.state_dict()
@@ -190,7 +189,7 @@ def save_single_file(path: Path, base: "BaseModel", *, unet_state: Mapping[str, 
     state.update(vae_to_original(base.vae.state_dict()))
     state.update(text_encoders_to_original(base.family, text_encoder_states, original=original))
     state = {key: _stored(value, dtype) for key, value in state.items()}
-    if base.prediction_type == "v_prediction":
+    if base.prediction_type == "v_prediction" and base.family.v_prediction_marker:
         state["v_pred"] = torch.tensor([])
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=dict(metadata or {}))

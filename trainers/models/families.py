@@ -111,6 +111,9 @@ class Family:
     """Width of one attention head in the UNet; None: a fixed 8 heads (SD1.x)."""
     added_conditioning: bool = False
     """SDXL: pooled text embeddings and size/crop ids go into the UNet's `label_emb`."""
+    v_prediction_marker: bool = False
+    """Its single files say v-prediction with an empty `v_pred` tensor (ComfyUI's convention for SDXL; SD2.x files
+    show it in their weights, and SD1.x files have no way to say it)."""
     pipeline_extras: Mapping[str, Any] = field(default_factory=dict)
     """Arguments the family's diffusers pipeline needs besides the model parts."""
 
@@ -191,7 +194,8 @@ SDXL = SDXLFamily(
     default_prediction_type="epsilon", default_resolution=1024, context_dim=2048,
     text_encoder_specs=(CLIP_L_SDXL, OPEN_CLIP_BIGG), kohya_text_encoder_prefixes=("lora_te1", "lora_te2"),
     pipeline_class_name="StableDiffusionXLPipeline", architectures={"epsilon": "stable-diffusion-xl-v1-base"},
-    unet_head_channels=64, added_conditioning=True, pipeline_extras={"add_watermarker": False})
+    unet_head_channels=64, added_conditioning=True, v_prediction_marker=True,
+    pipeline_extras={"add_watermarker": False})
 
 FAMILIES: dict[str, Family] = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 SUPPORTED = "Stable Diffusion 1.x, 2.x (512 and 768-v) and SDXL"
@@ -235,7 +239,7 @@ def _family_by_width(context: int | None) -> Family | None:
 
 
 def _prediction_type(family: Family, state: Mapping[str, Any]) -> str:
-    if "v_pred" in state:  # the marker ComfyUI writes into v-prediction SDXL files
+    if "v_pred" in state:
         return "v_prediction"
     if family is SD2 and _SD2_V_PROBE in state:
         probe = state[_SD2_V_PROBE]
