@@ -223,9 +223,9 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     # ---- the result ------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     in_sync = _replicas_in_sync(trainable, accelerator)
+    checkpoint_now()
     outputs: dict[str, str] = {}
     if is_main:
-        checkpoint_now()
         summary.steps_done, summary.finished_at = state.step, time.time()
         path = method.export(export_path(cfg, run_dir, method), summary, overwrite=cfg.output.overwrite)
         outputs["model"] = str(path)

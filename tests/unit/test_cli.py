@@ -1,0 +1,85 @@
+"""The command line: dry run, JSON events, exit codes, and two processes under `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from train_helpers import REPO, make_images, tiny_config
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("cli") / "images")
+
+
+def run_cli(args: list[str], tmp_path: Path, *, launcher: list[str] | None = None, extra_env=None, timeout: int = 600):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    command = (launcher or [sys.executable, "-m"]) + ["trainers", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def events_of(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def write_config(tmp_path: Path, images: Path, **sections) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(tiny_config(tmp_path, images, **sections).to_json())
+    return path
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, images):
+    config = write_config(tmp_path, images, steps=0)
+    result = run_cli(["train", str(config), "--dry-run", "--events"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (plan,) = events_of(result.stdout)
+    assert plan["event"] == "plan" and plan["images"] == 4
+    assert plan["steps"] == 400, "steps default to 100 per image, clamped to 400-1200"
+    assert plan["buckets"] == {"64x64": 4}
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_bad_input_is_one_error_event_and_exit_status_2(tmp_path, images):
+    config = write_config(tmp_path, images, lora={"rank": 0})
+    result = run_cli(["train", str(config), "--events"], tmp_path)
+    assert result.returncode == 2
+    errors = [e for e in events_of(result.stdout) if e["event"] == "error"]
+    assert len(errors) == 1 and "lora.rank" in errors[0]["message"]
+    assert "Traceback" not in result.stderr
+
+
+def test_overrides_and_events_on_a_real_run(tmp_path, images):
+    config = write_config(tmp_path, images, steps=10)
+    result = run_cli(["train", str(config), "--events", "--set", "train.steps=2"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = events_of(result.stdout)
+    assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2]
+    assert events[-1]["event"] == "done" and events[-1]["status"] == "succeeded"
+
+
+def test_two_processes_under_accelerate_train_one_model_and_save_once(tmp_path, images):
+    config = write_config(tmp_path, images, steps=3, train={"batch_size": 1})
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", "0", "-m"]
+    # On a machine without GPUs, this is how accelerate starts real CPU processes joined by gloo.
+    result = run_cli(["train", str(config), "--events"], tmp_path, launcher=launcher,
+                     extra_env={"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = events_of(result.stdout)
+    done = [e for e in events if e["event"] == "done"]
+    assert len(done) == 1, "only the main process reports and saves"
+    assert done[0]["processes"] == 2, "accelerate silently ran a single process"
+    assert done[0]["replicas_in_sync"] is True, "the two processes ended with different weights"
+    saved = [e for e in events if e["event"] == "saved"]
+    assert len(saved) == 1
+    with safe_open(saved[0]["path"], "pt") as f:
+        assert any(k.startswith("lora_unet_") for k in f.keys())
