@@ -1,0 +1,194 @@
+"""ComfyUI loads our kohya LoRA files: every key is used, and its patched UNet and CLIP compute what diffusers
+computes with the same LoRA active.
+
+ComfyUI runs in this process through its own loaders (`comfy.sd.load_checkpoint_guess_config`,
+`comfy.sd.load_lora_for_models`), on the CPU and in fp32, on the tiny ComfyUI-loadable checkpoints of
+scripts/tiny_models.py; the same file is loaded for diffusers by `load_base_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts import host, tiny_models
+from trainers.adapters import add_text_encoder_lora, add_unet_lora, lora_layers, lora_parameters
+from trainers.config import LoraConfig, ModelConfig
+from trainers.export.lora import kohya_lora_state, read_lora, save_lora
+from trainers.models.loading import BaseModel, load_base_model
+
+LORA = LoraConfig(rank=4, alpha=2, targets="all", conv_rank=2, conv_alpha=3)
+PROMPT = "a photo of sks dog next to a red disc"
+TOLERANCE = 1e-3  # relative error in fp32
+
+
+@dataclass
+class Case:
+    family: str
+    base: BaseModel
+    """diffusers modules with our LoRA active"""
+    lora_path: Path
+    comfy: object
+    """the `comfy` package"""
+    model: object
+    clip: object
+    patched_model: object
+    patched_clip: object
+    log: list[str] = field(default_factory=list)
+
+
+def import_comfy():
+    """ComfyUI's `comfy` package, imported from the host folder with the CPU forced.
+
+    The host folder is on sys.path only while importing: its top-level `nodes`, `utils`... would shadow other modules
+    of those names. ComfyUI's `comfy` is a namespace package, which any regular `comfy` package on sys.path (such as
+    this suite's tests/comfy) beats wherever it stands: those folders are left out while importing.
+    """
+    folder = host.ensure_host()
+    loaded = sys.modules.get("comfy")
+    if loaded is not None:
+        assert Path(next(iter(loaded.__path__))).resolve().is_relative_to(folder.resolve()), \
+            f"another `comfy` package is already imported: {loaded}"
+    saved = list(sys.path)
+    sys.path[:] = [str(folder)] + [p for p in saved if not (Path(p or ".") / "comfy" / "__init__.py").is_file()]
+    try:
+        cli_args = importlib.import_module("comfy.cli_args")
+        cli_args.args.cpu = True
+        for name in ("comfy.sd", "comfy.utils", "comfy.lora", "comfy.lora_convert", "comfy.model_management"):
+            importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
+    return sys.modules["comfy"]
+
+
+def fp16_exact_random_lora(*modules: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero up weights (peft starts them at zero) and every LoRA value representable in fp16, so that the fp16
+    file holds exactly what diffusers computes with."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for layer in lora_layers(module).values():
+                up = layer.lora_B["default"].weight
+                up.copy_(torch.randn(up.shape, generator=generator) * 0.05)
+            for p in lora_parameters(module):
+                p.copy_(p.half().float())
+
+
+@contextmanager
+def adapters_disabled(*modules: torch.nn.Module):
+    for module in modules:
+        module.disable_adapters()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.enable_adapters()
+
+
+class Captured(logging.Handler):
+    def __init__(self, into: list[str]):
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@pytest.fixture(scope="module", params=["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
+def case(request, tmp_path_factory) -> Case:
+    family = request.param
+    comfy = import_comfy()
+    checkpoint = tiny_models.comfy_checkpoint(family)
+
+    base = load_base_model(ModelConfig(base=str(checkpoint)), dtype=torch.float32)
+    add_unet_lora(base.unet, LORA)
+    for text_encoder in base.text_encoders:
+        add_text_encoder_lora(text_encoder, LORA)
+    fp16_exact_random_lora(base.unet, *base.text_encoders)
+    state = kohya_lora_state(base.unet, base.text_encoders, te_prefixes=base.family.kohya_text_encoder_prefixes)
+    lora_path = save_lora(tmp_path_factory.mktemp("lora") / f"{family}.safetensors", state,
+                          {"modelspec.title": f"{family} test"})
+
+    fp32 = {"dtype": torch.float32}
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False,
+                                                              model_options=fp32, te_model_options=fp32)
+    log: list[str] = []
+    handler = Captured(log)
+    logging.getLogger().addHandler(handler)
+    try:
+        lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+        patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return Case(family, base, lora_path, comfy, model, clip, patched_model, patched_clip, log)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+def test_comfyui_uses_every_key_of_the_file(case: Case):
+    assert not [line for line in case.log if "lora key not loaded" in line or "NOT LOADED" in line]
+    comfy = case.comfy
+    lora, _ = read_lora(case.lora_path)
+    key_map = comfy.lora.model_lora_keys_unet(case.model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(case.clip.cond_stage_model, key_map)
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map, log_missing=False)
+
+    modules = {key.split(".", 1)[0] for key in lora}
+    unet_modules = {m for m in modules if m.startswith("lora_unet_")}
+    assert len(unet_modules) == len(lora_layers(case.base.unet))
+    assert any(lora[f"{m}.lora_down.weight"].ndim == 4 and lora[f"{m}.lora_down.weight"].shape[-1] == 3
+               for m in unet_modules)  # LoCon convolutions are in the file...
+    assert len(patches) == len(modules)  # ...and every module, UNet and text encoders, maps onto a weight
+    patched = set(case.patched_model.patches) | set(case.patched_clip.patcher.patches)
+    assert set(patches) <= patched
+    text_prefixes = tuple(p + "_" for p in case.base.family.kohya_text_encoder_prefixes)
+    assert len(case.patched_clip.patcher.patches) == len({m for m in modules if m.startswith(text_prefixes)}) > 0
+
+
+def test_patched_unet_matches_diffusers_with_the_lora(case: Case):
+    unet, mm = case.base.unet, case.comfy.model_management
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    timestep = torch.tensor([500.0])
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    added, adm = None, {}
+    if unet.config.addition_embed_type == "text_time":
+        text_embeds = torch.randn(1, 1280, generator=generator)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        # ComfyUI's `y` is what diffusers feeds its add_embedding: pooled text and the embedded size/crop ids
+        adm = {"y": torch.cat([text_embeds, unet.add_time_proj(time_ids.flatten()).reshape(1, -1)], dim=-1)}
+
+    with torch.no_grad():
+        expected = unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        with adapters_disabled(unet):
+            without_lora = unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        mm.load_models_gpu([case.patched_model])
+        patched = case.patched_model.model.diffusion_model(latents, timesteps=timestep, context=context, **adm)
+
+    assert relative_error(patched, expected) < TOLERANCE
+    assert relative_error(without_lora, expected) > 100 * TOLERANCE  # the LoRA does change the output
+
+
+def test_patched_clip_matches_diffusers_with_the_lora(case: Case):
+    family, base = case.base.family, case.base
+    with torch.no_grad():
+        expected = family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
+        with adapters_disabled(*base.text_encoders):
+            without_lora = family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
+        cond, pooled = case.patched_clip.encode_from_tokens(case.patched_clip.tokenize(PROMPT), return_pooled=True)
+
+    assert cond.shape == expected.hidden_states.shape
+    assert relative_error(cond, expected.hidden_states) < TOLERANCE
+    assert relative_error(without_lora.hidden_states, expected.hidden_states) > 100 * TOLERANCE
+    if expected.pooled is not None:
+        assert relative_error(pooled, expected.pooled) < TOLERANCE
