@@ -49,14 +49,16 @@ COMFY_NAMES = {"sd1": "tiny-sd15.safetensors", "sd2v": "tiny-sd21-v.safetensors"
 BLIP_NAME = "tiny-blip"
 _CODE = (Path(__file__), REPO / "trainers" / "export" / "checkpoint.py")
 
-_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
-              "projection_dim": 32}
+_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
+         "projection_dim": 32}
+# SDXL's two encoders differ in width, as in the real model (diffusers' single-file loader relies on it)
+_TINY_TEXT = {"text_encoder": _CLIP, "text_encoder_2": {**_CLIP, "hidden_size": 48, "intermediate_size": 96}}
 _TINY_VAE = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64}
 _TINY_UNETS = {
     "sd1": {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32, "sample_size": 8,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
-    "sdxl": {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 64, "sample_size": 8,
+    "sdxl": {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32 + 48, "sample_size": 8,
              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 2],
              "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32},
@@ -126,8 +128,9 @@ def _family(name: str) -> tuple[Family, str]:
     return FAMILIES[name]
 
 
-def _random_model(name: str, *, unet: dict, text: dict, vae: dict) -> BaseModel:
-    """A BaseModel of family `name` with random weights: the shipped configs with the given sizes on top."""
+def _random_model(name: str, *, unet: dict, text: dict[str, dict], vae: dict) -> BaseModel:
+    """A BaseModel of family `name` with random weights: the shipped configs with the given sizes on top
+    (`text` by text encoder subfolder)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     family, prediction_type = _family(name)
@@ -140,7 +143,7 @@ def _random_model(name: str, *, unet: dict, text: dict, vae: dict) -> BaseModel:
             if module.__class__.__name__ == "BasicTransformerBlock":
                 torch.nn.init.normal_(module.norm1.bias, std=0.3)
     encoders = [spec.model_class(spec.model_class.config_class.from_dict({**read_config(config_dir, spec.subfolder),
-                                                                          **text}))
+                                                                          **text.get(spec.subfolder, {})}))
                 for spec in family.text_encoder_specs]
     scheduler = DDPMScheduler.from_pretrained(config_dir, subfolder="scheduler")
     return BaseModel(family=family, prediction_type=prediction_type, unet=model.eval(),

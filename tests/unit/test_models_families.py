@@ -168,7 +168,7 @@ def test_sdxl_encode_prompts_matches_diffusers_pipeline():
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir("sdxl"))
     embeds = SDXL.encode_prompts([pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2], PROMPTS)
     expected, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
-    assert embeds.hidden_states.shape == (2, 77, 64) and embeds.pooled.shape == (2, 32)
+    assert embeds.hidden_states.shape == (2, 77, 32 + 48) and embeds.pooled.shape == (2, 32)
     torch.testing.assert_close(embeds.hidden_states, expected, rtol=0, atol=0)
     torch.testing.assert_close(embeds.pooled, pooled, rtol=0, atol=0)
 
