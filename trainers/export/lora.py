@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from ..adapters import lora_layers
 from ..errors import ConfigError, ModelError
 from ..io import atomic_path
+from ..models.families import FAMILIES
 
 UNET_PREFIX = "lora_unet"
 
@@ -123,8 +124,7 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 _ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
 _BASE_VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
-# Width of the text features the UNet's cross-attention reads, and of each text encoder's hidden state.
-_CONTEXT_DIM_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# A text encoder's hidden width (SDXL's first encoder is SD1's CLIP-L, so only its second one tells).
 _TEXT_WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 _DOWN = r"\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$"
 
@@ -146,7 +146,8 @@ def _family_from_keys(state: dict[str, torch.Tensor]) -> str | None:
         return "sdxl"
     for key, value in state.items():
         if re.search(r"attn2[._](processor[._])?to_k" + _DOWN, key) and value.ndim == 2:
-            return _CONTEXT_DIM_FAMILIES.get(value.shape[1])
+            # the width of the text features the UNet's cross-attention reads
+            return next((name for name, family in FAMILIES.items() if family.context_dim == value.shape[1]), None)
     for key, value in state.items():
         if re.search(r"self_attn[._]q_proj" + _DOWN, key) and value.ndim == 2:
             return _TEXT_WIDTH_FAMILIES.get(value.shape[1])

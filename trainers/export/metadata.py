@@ -11,9 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import Config
+from ..models.families import FAMILIES
 
-_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-_SD2_V_ARCHITECTURE = "stable-diffusion-v2-768-v"
 _BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # Our LoRA keys name diffusers' modules; a single-file checkpoint uses the original (Stability) layout.
 _LORA_IMPLEMENTATION = "diffusers"
@@ -100,11 +99,11 @@ def checkpoint_metadata(cfg: Config, *, family_name: str, prediction_type: str, 
     return metadata
 
 
-def architecture(family_name: str, prediction_type: str, adapter: str = "") -> str:
+def _architecture(family_name: str, prediction_type: str, adapter: str) -> str:
     """The model spec's architecture id, e.g. "stable-diffusion-v2-768-v" or "stable-diffusion-v1/lora"."""
-    if family_name not in _ARCHITECTURES:
+    if family_name not in FAMILIES:
         raise ValueError(f"unknown model family {family_name!r}")
-    arch = _SD2_V_ARCHITECTURE if family_name == "sd2" and prediction_type == "v_prediction" else _ARCHITECTURES[family_name]
+    arch = FAMILIES[family_name].modelspec_architecture(prediction_type)
     return f"{arch}/{adapter}" if adapter else arch
 
 
@@ -113,7 +112,7 @@ def _modelspec(cfg: Config, family_name: str, prediction_type: str, finished_at:
     resolution = cfg.data.resolution
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture(family_name, prediction_type, adapter),
+        "modelspec.architecture": _architecture(family_name, prediction_type, adapter),
         "modelspec.implementation": implementation,
         "modelspec.title": cfg.output.name,
         "modelspec.resolution": f"{resolution}x{resolution}",
