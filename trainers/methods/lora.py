@@ -48,7 +48,7 @@ class LoraMethod(Method):
     def export(self, path: Path, run: RunSummary, *, overwrite: bool) -> Path:
         text_encoders = self.base.text_encoders if self.trains_text_encoder else []
         if self.cfg.lora.format == "peft":
-            return save_peft_lora(path.with_suffix(""), self.base.unet, text_encoders)
+            return save_peft_lora(path.with_suffix(""), self.base.unet, text_encoders, overwrite=overwrite)
         state = kohya_lora_state(self.base.unet, text_encoders,
                                  te_prefixes=self.base.family.kohya_text_encoder_prefixes)
         metadata = lora_metadata(
