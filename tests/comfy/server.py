@@ -21,6 +21,8 @@ STARTUP_TIMEOUT_S = 180
 PACK_MODULE = f"custom_nodes.{host.PACK_LINK_NAME}"
 """`python_module` of the pack's nodes in /object_info."""
 SETTINGS = {"Comfy.TutorialCompleted": True}
+# How ComfyUI's log gives the reason a pack failed to load (nodes.py, load_custom_node).
+IMPORT_ERROR_PREFIXES = ("Cannot import", "Error while calling comfy_entrypoint")
 
 # Lists the pack's node ids the way ComfyUI loads them (V3 entry point), run in a fresh interpreter so that the
 # test process never imports ComfyUI. Prints one JSON object: node ids and the pack's warnings.
@@ -42,7 +44,7 @@ sys.modules["finetune_pack"] = pack
 spec.loader.exec_module(pack)
 extension = asyncio.run(pack.comfy_entrypoint())
 classes = asyncio.run(extension.get_node_list())
-print(json.dumps({"node_ids": [cls.define_schema().node_id for cls in classes],
+print(json.dumps({"node_ids": [cls.GET_SCHEMA().node_id for cls in classes],  # validated, as ComfyUI does
                   "warnings": warnings}))
 """
 
@@ -191,10 +193,10 @@ def pack_nodes(object_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def check_pack_loaded(server: ComfyServer, expected: set[str]) -> dict[str, dict[str, Any]]:
     """Raise ServerError unless the log is free of IMPORT FAILED for the pack and /object_info has exactly the
     expected nodes; returns the pack's /object_info entries."""
-    failed = [line for line in server.log_text().splitlines()
-              if "IMPORT FAILED" in line and host.PACK_LINK_NAME in line]
-    if failed:
-        raise server.fail(f"ComfyUI could not import the pack: {failed[0].strip()}")
+    lines = [line.strip() for line in server.log_text().splitlines() if host.PACK_LINK_NAME in line]
+    if any("IMPORT FAILED" in line for line in lines):
+        reasons = [line for line in lines if line.startswith(IMPORT_ERROR_PREFIXES)]
+        raise server.fail("ComfyUI could not import the pack:\n  " + "\n  ".join(reasons or lines))
     if not expected:
         raise server.fail("the pack registers no nodes at all")
     served = pack_nodes(server.object_info())
