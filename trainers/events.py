@@ -35,7 +35,7 @@ class EventLog:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(run_dir / "events.jsonl", "a", encoding="utf-8")
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
         event = {"event": kind, "time": round(time.time(), 3), **fields}
         if not self.enabled:
             return event

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, fill_template
+from .config import METHODS_WITHOUT_IMAGES, Config, fill_template
 from .data.dataset import DatasetScan, TrainingDataset, scan_dataset
 from .errors import ModelError
 
@@ -23,12 +23,15 @@ class Plan:
     cfg: Config
     """The config with data-dependent defaults filled in."""
     scan: DatasetScan
-    dataset: TrainingDataset
+    dataset: TrainingDataset | None
+    """None for a method that makes its own data (DDPO)."""
     validation: TrainingDataset | None
     run_dir: Path
     model_bytes: int | None
 
     def buckets(self) -> dict[str, int]:
+        if self.dataset is None:
+            return {}
         counts = Counter(self.dataset.bucket_of(i) for i in range(len(self.dataset)))
         return {f"{w}x{h}": n for (w, h), n in sorted(counts.items())}
 
@@ -53,7 +56,7 @@ class Plan:
             "method": t.method + (" + DreamBooth" if self.cfg.dreambooth.enabled else ""),
             "base_model": self.cfg.model.base,
             "images": self.scan.num_images,
-            "samples_per_epoch": len(self.dataset),
+            "samples_per_epoch": len(self.dataset) if self.dataset is not None else 0,
             "skipped": [[str(p), why] for p, why in self.scan.skipped],
             "validation_images": len(self.validation) if self.validation is not None else 0,
             "buckets": self.buckets(),
@@ -73,9 +76,9 @@ def make_plan(cfg: Config) -> Plan:
         instance = fill_template(cfg.dreambooth.instance_prompt, cfg.data.trigger_word, cfg.data.class_noun)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, default_caption=instance))
     model_bytes = _model_size(cfg.model.base)
-    scan = scan_dataset(cfg.data, seed=cfg.train.seed)
+    scan = DatasetScan([]) if cfg.train.method in METHODS_WITHOUT_IMAGES else scan_dataset(cfg.data, seed=cfg.train.seed)
     cfg = cfg.resolve_defaults(scan.num_images)
-    dataset = TrainingDataset(scan.items, cfg.data, seed=cfg.train.seed)
+    dataset = TrainingDataset(scan.items, cfg.data, seed=cfg.train.seed) if scan.items else None
     validation = None
     if scan.validation_items:
         eval_data = dataclasses.replace(cfg.data, crop="center", flip=False, caption_dropout=0.0, shuffle_tags=False)

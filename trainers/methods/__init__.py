@@ -9,6 +9,9 @@ from .base import Method, RunSummary
 _METHOD_MODULES = {
     "lora": ("lora", "LoraMethod"),
     "full": ("full", "FullMethod"),
+    "textual_inversion": ("textual_inversion", "TextualInversionMethod"),
+    "controlnet": ("controlnet", "ControlNetMethod"),
+    "ddpo": ("ddpo", "DDPOMethod"),
 }
 
 

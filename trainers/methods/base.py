@@ -9,12 +9,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..batches import BatchPreparer
 from ..config import Config
+from ..data.dataset import TrainingDataset
 from ..diffusion import denoising_loss, sample_noise, sample_timesteps, training_target
 from ..models.families import PromptEmbeds
 from ..models.loading import BaseModel
@@ -29,6 +30,22 @@ class RunSummary:
     tag_frequency: dict[str, int] = field(default_factory=dict)
     started_at: float = 0.0
     finished_at: float = 0.0
+
+
+class MappedDataset:
+    """`dataset` with every example passed through `fn`; everything else (buckets, epochs, length) is the dataset's."""
+
+    def __init__(self, dataset: TrainingDataset, fn: Callable[[dict[str, Any]], dict[str, Any]]):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.fn(self.dataset[index])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataset, name)
 
 
 class Method(ABC):
@@ -69,6 +86,21 @@ class Method(ABC):
         if self.prep is not None and self.trains_text_encoder:
             self.prep.text_encoders = [wrapped.get(f"text_encoder_{i}", te) for i, te in enumerate(self.base.text_encoders)]
 
+    # ---- the data ----------------------------------------------------------------------------------------
+    def prepare_dataset(self, dataset: TrainingDataset) -> TrainingDataset | MappedDataset:
+        """The dataset the method trains and validates on; a method may add to each example (ControlNet's control
+        map) or change it (textual inversion's placeholder tokens) by returning `MappedDataset(dataset, fn)`."""
+        return dataset
+
+    def data_stream(self, micro_step: int, generator: torch.Generator):
+        """A method that makes its own training data (DDPO samples from the model) returns its stream here: an
+        object with `next()` (one micro-batch) and `micro_step` (micro-batches consumed, for checkpoints)."""
+        return None
+
+    def micro_steps_per_step(self) -> int:
+        """Micro-batches whose gradients add up to one optimizer step."""
+        return self.cfg.train.gradient_accumulation
+
     def train_mode(self, training: bool) -> None:
         for module in self.trained_modules().values():
             module.train(training)
@@ -100,13 +132,17 @@ class Method(ABC):
         if timesteps is None:
             timesteps = sample_timesteps(latents.shape[0], scheduler, generator, latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        embeds = embeds.to(latents.device, unet_dtype)
-        added = self.base.family.added_cond_kwargs(
-            embeds, batch.get("original_size"), batch.get("crop_top_left"), batch.get("target_size"))
-        pred = self.unet_forward(noisy.to(unet_dtype), timesteps, encoder_hidden_states=embeds.hidden_states,
-                                 added_cond_kwargs=added).sample
+        pred = self.predict(noisy.to(unet_dtype), timesteps, embeds.to(latents.device, unet_dtype), batch)
         target = training_target(scheduler, latents, noise, timesteps)
         return denoising_loss(pred, target, timesteps, scheduler, train.min_snr_gamma if snr_weighting else 0.0)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
+                batch: dict[str, Any]) -> torch.Tensor:
+        """The model's output for `noisy` latents (a ControlNet adds its residuals to the UNet's)."""
+        added = self.base.family.added_cond_kwargs(
+            embeds, batch.get("original_size"), batch.get("crop_top_left"), batch.get("target_size"))
+        return self.unet_forward(noisy, timesteps, encoder_hidden_states=embeds.hidden_states,
+                                 added_cond_kwargs=added).sample
 
     # ---- state and output --------------------------------------------------------------------------------
     @abstractmethod

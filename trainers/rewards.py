@@ -1,0 +1,160 @@
+"""Rewards for DDPO: a score per generated image (higher is better).
+
+jpeg_compressibility / jpeg_incompressibility need no weights (Black et al. 2023: minus / plus the JPEG size in kB).
+aesthetic (the LAION aesthetic predictor: an MLP on CLIP image embeddings), clip_score (prompt-image cosine similarity)
+and blip_score (BLIP's image-text matching probability) use weights the user has: a local transformers folder (or a hub
+id when online) in `ddpo.reward_model`, and for aesthetic the predictor's file in `ddpo.aesthetic_head`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DDPOConfig
+from .errors import ConfigError, ModelError
+
+Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
+"""(images (B, 3, H, W) in [0, 1], prompts) -> rewards (B,) as float32 on the CPU."""
+
+WEIGHTED_REWARDS = ("aesthetic", "clip_score", "blip_score")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(image)) for image in array]
+
+
+def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    sizes = []
+    for image in to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+def jpeg_compressibility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return -jpeg_kilobytes(images)
+
+
+def jpeg_incompressibility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return jpeg_kilobytes(images)
+
+
+class AestheticReward:
+    """LAION's improved aesthetic predictor: L2-normalised CLIP image embedding -> 5 linear layers -> score (1-10)."""
+
+    def __init__(self, clip_model: str, head_file: str, device: torch.device):
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.device = device
+        self.clip = _load(CLIPVisionModelWithProjection, clip_model, "ddpo.reward_model").to(device).eval()
+        self.processor = _load(CLIPImageProcessor, clip_model, "ddpo.reward_model")
+        self.head = _aesthetic_head(Path(head_file), self.clip.config.projection_dim).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(images=to_pil(images), return_tensors="pt").to(self.device)
+        embeds = self.clip(**inputs).image_embeds.float()
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return self.head(embeds).squeeze(-1).float().cpu()
+
+
+class ClipScoreReward:
+    """Cosine similarity of CLIP's image and prompt embeddings (-1..1; ≈0.3 for a good match with CLIP ViT-L/14)."""
+
+    def __init__(self, clip_model: str, device: torch.device):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.device = device
+        self.model = _load(CLIPModel, clip_model, "ddpo.reward_model").to(device).eval()
+        self.processor = _load(CLIPProcessor, clip_model, "ddpo.reward_model")
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(text=prompts, images=to_pil(images), return_tensors="pt", padding=True,
+                                truncation=True).to(self.device)
+        out = self.model(**inputs)
+        image = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+        text = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+        return (image * text).sum(-1).float().cpu()
+
+
+class BlipScoreReward:
+    """BLIP's image-text matching head: the probability (0..1) that the image shows the prompt."""
+
+    def __init__(self, blip_model: str, device: torch.device):
+        from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+        self.device = device
+        self.model = _load(BlipForImageTextRetrieval, blip_model, "ddpo.reward_model").to(device).eval()
+        self.processor = _load(BlipProcessor, blip_model, "ddpo.reward_model")
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(images=to_pil(images), text=prompts, return_tensors="pt", padding=True,
+                                truncation=True).to(self.device)
+        logits = self.model(**inputs, use_itm_head=True).itm_score
+        return logits.float().softmax(dim=-1)[:, 1].cpu()
+
+
+def make_reward(cfg: DDPOConfig, device: torch.device) -> Reward:
+    """The reward `ddpo.reward` names, with its weights loaded (a clear ModelError when they cannot be)."""
+    if cfg.reward == "jpeg_compressibility":
+        return jpeg_compressibility
+    if cfg.reward == "jpeg_incompressibility":
+        return jpeg_incompressibility
+    if cfg.reward == "aesthetic":
+        return AestheticReward(cfg.reward_model, cfg.aesthetic_head, device)
+    if cfg.reward == "clip_score":
+        return ClipScoreReward(cfg.reward_model, device)
+    if cfg.reward == "blip_score":
+        return BlipScoreReward(cfg.reward_model, device)
+    raise ConfigError(f"unknown reward {cfg.reward!r}", "see ddpo.reward", where="ddpo.reward")
+
+
+def _load(cls, source: str, field: str):
+    looks_local = Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or "\\" in source
+    try:
+        return cls.from_pretrained(str(Path(source).expanduser()) if looks_local else source,
+                                   local_files_only=looks_local)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the reward model ({first_line})",
+                         "set it to a local folder in the transformers layout (config.json, weights, tokenizer and "
+                         "preprocessor files), e.g. a download of openai/clip-vit-large-patch14 or "
+                         "Salesforce/blip-itm-base-coco", where=f"{field} = {source}") from None
+
+
+def _aesthetic_head(path: Path, embed_dim: int) -> torch.nn.Module:
+    where = f"ddpo.aesthetic_head = {path}"
+    if not path.is_file():
+        raise ModelError("the aesthetic predictor file does not exist",
+                         "download sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor)", where=where)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file: pickle, zip or safetensors errors alike
+        raise ModelError(f"cannot read the aesthetic predictor ({type(exc).__name__})",
+                         "download the file again", where=where) from None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if not isinstance(state.get("layers.0.weight"), torch.Tensor) or state["layers.0.weight"].shape[1] != embed_dim:
+        raise ModelError(f"not a LAION aesthetic predictor for {embed_dim}-wide CLIP embeddings",
+                         "use the predictor made for the CLIP model in ddpo.reward_model (ViT-L/14: 768)", where=where)
+    widths = [state["layers.0.weight"].shape[1]] + [state[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)]
+    head = torch.nn.Sequential(
+        torch.nn.Linear(widths[0], widths[1]), torch.nn.Dropout(0.2), torch.nn.Linear(widths[1], widths[2]),
+        torch.nn.Dropout(0.2), torch.nn.Linear(widths[2], widths[3]), torch.nn.Dropout(0.1),
+        torch.nn.Linear(widths[3], widths[4]), torch.nn.Linear(widths[4], widths[5]))
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items() if k.startswith("layers.")})
+    return head
