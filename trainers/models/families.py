@@ -144,7 +144,7 @@ class Family:
         """The final hidden states after the final layer norm, as diffusers' pipeline and ComfyUI use them (for
         SD2 diffusers' text encoder already stops at OpenCLIP's penultimate layer)."""
         (encoder,), (tokenizer,) = text_encoders, tokenizers
-        return PromptEmbeds(encoder(_token_ids(tokenizer, prompts, encoder.device))[0])
+        return PromptEmbeds(encoder(_token_ids(tokenizer, prompts, encoder))[0])
 
     def added_cond_kwargs(self, embeds: PromptEmbeds, original_sizes: Any, crops_top_left: Any,
                           target_sizes: Any) -> dict[str, torch.Tensor] | None:
@@ -157,7 +157,7 @@ class SDXLFamily(Family):
         as diffusers' SDXL pipeline (and ComfyUI) compute them."""
         hidden = []
         for encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
-            out = encoder(_token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
+            out = encoder(_token_ids(tokenizer, prompts, encoder), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
         return PromptEmbeds(torch.cat(hidden, dim=-1), out.text_embeds)
 
@@ -171,9 +171,11 @@ class SDXLFamily(Family):
         return {"text_embeds": embeds.pooled, "time_ids": time_ids}
 
 
-def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str], encoder: torch.nn.Module) -> torch.Tensor:
+    """Padded to 77 tokens on the encoder's device (read off its weights: wrappers such as DDP have no `.device`)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(next(encoder.parameters()).device)
 
 
 _NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

@@ -67,7 +67,7 @@ def load_base_model(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
         if not (path / "model_index.json").is_file():
             raise ModelError("this folder is not a diffusers model (it has no model_index.json)",
                              "give a .safetensors checkpoint, or the folder that holds model_index.json", where=source)
-        base = _from_diffusers(source, model_cfg, dtype, where=source)
+        base = _from_diffusers(str(path), model_cfg, dtype, where=source)
     elif _HUB_ID.match(source) and not source.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
         base = _from_diffusers(source, model_cfg, dtype, where=source)
     else:
