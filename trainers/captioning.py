@@ -77,6 +77,11 @@ class BlipCaptioner:
         self.dtype = dtype
         self.model.to(self.device).eval()
 
+    def to(self, device: torch.device | str) -> "BlipCaptioner":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -107,8 +112,9 @@ class BlipCaptioner:
         self.close()
 
 
-def caption_images(captioner: BlipCaptioner, images: Sequence[ImageSource], settings: CaptionSettings = CaptionSettings(),
-                   *, on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+def caption_images(captioner: BlipCaptioner, images: Sequence[ImageSource],
+                   settings: CaptionSettings = CaptionSettings(), *,
+                   on_batch: Callable[[int, int], None] | None = None) -> list[str]:
     """One caption per image, in order: BLIP's text with the trigger word (and class noun) in front.
     `on_batch(done, total)` runs after every batch; raising from it stops the work there."""
     settings.validate()
