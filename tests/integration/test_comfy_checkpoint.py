@@ -126,3 +126,17 @@ def test_diffusers_loads_tiny_sd1_checkpoint_with_the_shipped_config_offline():
         left, right = mine.state_dict(), theirs.state_dict()
         assert left.keys() == right.keys()
         assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+@pytest.mark.slow
+def test_sd2_prompt_encoding_matches_comfyui():
+    """ComfyUI runs OpenCLIP-H's 24 layers and takes the penultimate one; diffusers' 23-layer encoder gives the same."""
+    path = tiny_models.comfy_checkpoint("sd2v")
+    ours = load_base_model(ModelConfig(base=str(path)))
+    prompt = "a photo of a cat, watercolor"
+    with torch.no_grad():
+        expected = ours.family.encode_prompts(ours.text_encoders, ours.tokenizers, [prompt]).hidden_states
+    _, clip, _ = load_in_comfyui(path)
+    cond = clip.encode_from_tokens(clip.tokenize(prompt))
+    assert cond.shape == expected.shape == (1, 77, 1024)
+    assert float((cond.float() - expected).norm() / expected.norm()) < 1e-4

@@ -111,9 +111,12 @@ def expect_error(base, *fragments):
     return message
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(tmp_path, monkeypatch):
     expect_error(tmp_path / "nope.safetensors", "file or folder not found", str(tmp_path / "nope.safetensors"))
     expect_error(tmp_path / "models" / "sub" / "x", "not found")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    expect_error("models/typo", "file or folder not found", "models/typo")  # a path, not a hub id
 
 
 def test_empty_base():

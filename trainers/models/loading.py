@@ -68,7 +68,7 @@ def load_base_model(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float3
             raise ModelError("this folder is not a diffusers model (it has no model_index.json)",
                              "give a .safetensors checkpoint, or the folder that holds model_index.json", where=source)
         base = _from_diffusers(str(path), model_cfg, dtype, where=source)
-    elif _HUB_ID.match(source) and not source.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+    elif _looks_like_hub_id(source):
         base = _from_diffusers(source, model_cfg, dtype, where=source)
     else:
         raise ModelError("file or folder not found", "check the path in model.base", where=source)
@@ -164,7 +164,7 @@ def load_vae(source: str, family: Family, dtype: torch.dtype) -> AutoencoderKL:
         return _component(AutoencoderKL, str(path), None, where, torch_dtype=dtype)
     if path.is_dir() and (path / "vae" / "config.json").is_file():
         return _component(AutoencoderKL, str(path), "vae", where, torch_dtype=dtype)
-    if path.is_dir() or not _HUB_ID.match(source):
+    if path.is_dir() or not _looks_like_hub_id(source):
         raise ModelError("no VAE found here", "give a VAE .safetensors file or a diffusers VAE folder", where=where)
     return _component(AutoencoderKL, source, None, where, torch_dtype=dtype)
 
@@ -183,6 +183,12 @@ def build_pipeline(base: BaseModel, *, scheduler: str = "euler") -> DiffusionPip
     pipeline = pipeline_class(**parts, **base.family.pipeline_extras)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """`owner/name`, unless it names a checkpoint file or its first part is a local folder (a mistyped path)."""
+    return (bool(_HUB_ID.match(source)) and not source.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
+            and not Path(source).parent.is_dir())
 
 
 def _first_line(exc: BaseException) -> str:
