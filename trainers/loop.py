@@ -115,7 +115,10 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(cfg.model, dtype=weight_dtype)
-    base.vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype  # fp16 VAEs overflow (black images)
+    base.vae.to(accelerator.device)
+    if base.vae.dtype != vae_dtype:
+        base.vae.to(dtype=vae_dtype)
     base.unet.to(accelerator.device)
     for te in base.text_encoders:
         te.to(accelerator.device)
