@@ -9,14 +9,27 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from scripts.tiny_models import tiny_pipeline_dir, tiny_single_file
 from trainers.config import ModelConfig
 from trainers.errors import ModelError
-from trainers.export.checkpoint import VAE_PREFIX
-from trainers.models.families import SD1, SD2, SDXL
+from trainers.export.checkpoint import (
+    VAE_PREFIX,
+    text_encoders_to_original,
+    unet_to_original,
+    vae_to_original,
+)
+from trainers.models.families import SD1, SD2, SDXL, detect_family
+from trainers.models.from_original import read_config
 from trainers.models.loading import build_pipeline, load_base_model
+from trainers.models.original_configs import (
+    text_encoder_config_from_original,
+    unet_config_from_original,
+    vae_config_from_original,
+)
 
 TINY = {"sd1": (SD1, "epsilon"), "sd2v": (SD2, "v_prediction"), "sdxl": (SDXL, "epsilon")}
 
@@ -200,3 +213,38 @@ def test_sd2_base_config_used_for_epsilon_files(tmp_path):
     base = load(tmp_path / "sd2-base.safetensors")
     assert base.family is SD2 and base.prediction_type == "epsilon"
     assert json.loads((SD2.config_dir_for("epsilon") / "unet" / "config.json").read_text())["sample_size"] == 64
+
+
+# ---- full-size layouts, read off shapes only (meta tensors: no memory) -------------------------------------
+@pytest.mark.parametrize("family, prediction_type", [(SD1, "epsilon"), (SD2, "v_prediction"), (SDXL, "epsilon")])
+def test_configs_read_off_full_size_files_are_the_real_ones(family, prediction_type):
+    folder = family.config_dir_for(prediction_type)
+    unet_config, vae_config = read_config(folder, "unet"), read_config(folder, "vae")
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        encoders = [spec.model_class(spec.model_class.config_class.from_dict(read_config(folder, spec.subfolder)))
+                    for spec in family.text_encoder_specs]
+    state = {**unet_to_original(unet.state_dict(), unet.config), **vae_to_original(vae.state_dict()),
+             **text_encoders_to_original(family, [e.state_dict() for e in encoders])}
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    assert detect_family(shapes, where="f")[0] is family
+
+    inferred = unet_config_from_original(shapes, family, unet_config, where="f")
+    with init_empty_weights():
+        rebuilt = UNet2DConditionModel.from_config(inferred)
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
+           {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    for name in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "cross_attention_dim",
+                 "use_linear_projection", "attention_head_dim", "transformer_layers_per_block", "mid_block_type"):
+        assert plain(inferred[name]) == plain(unet.config[name]), name
+    assert "reverse_transformer_layers_per_block" not in inferred
+    assert vae_config_from_original(shapes, vae_config, where="f") == {**vae_config, "mid_block_add_attention": True}
+    for spec, encoder in zip(family.text_encoder_specs, encoders):
+        expected = read_config(folder, spec.subfolder)
+        found = text_encoder_config_from_original(shapes, spec, expected, where="f")
+        assert {k: found[k] for k in expected} == expected
+
+
+def plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
