@@ -14,7 +14,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io, ui
 
 from ..trainers.errors import FinetuneError
-from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS, PreprocessOptions, control_map
+from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS, DepthEstimator, PreprocessOptions, control_map
 from .caption import model_folder_path, model_folders
 from .types import NodeError, node_error
 
@@ -121,10 +121,8 @@ def make_control_map(image, preprocessor: str, options: PreprocessOptions, depth
             estimator.close()
 
 
-def load_depth_model(name: str, preprocessor: str):
+def load_depth_model(name: str, preprocessor: str) -> DepthEstimator:
     import comfy.model_management as mm
-
-    from ..trainers.preprocess import DepthEstimator
 
     if name == NO_MODEL:
         target = os.path.join(folder_paths.get_folder_paths(DEPTH_FOLDER)[0], "<model name>")
