@@ -20,12 +20,13 @@ from safetensors.torch import save_file
 from ..errors import ModelError
 from ..io import atomic_path
 from ..models.families import UNET_PREFIX, Family, TextEncoderSpec
+from ..models.original_configs import VAE_PREFIX
+from ..models.single_file import CheckpointFile
 from .lora import _refuse_existing
 
 if TYPE_CHECKING:
     from ..models.loading import BaseModel
 
-VAE_PREFIX = "first_stage_model."
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 _RESNET_NAMES = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
@@ -199,8 +200,6 @@ def save_single_file(path: Path, base: "BaseModel", *, unet_state: Mapping[str, 
 def _original_tensors(base: "BaseModel") -> Mapping[str, torch.Tensor]:
     if base.single_file is None or not base.single_file.is_file():
         return {}
-    from ..models.single_file import CheckpointFile
-
     return CheckpointFile(base.single_file)
 
 
