@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 import tiny_controlnet
 from tests.comfy.client import image_paths
 from tests.comfy.workflow import to_api_graph
 from tests.integration.test_generation_nodes import kohya_lora, text_layers, unet_layers
+from tests.integration.test_server import FRONTEND_QUEUE, whole_numbers_as_int
 from trainers.export.lora import save_lora
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,3 +53,16 @@ def test_example_3_runs_end_to_end(comfy, comfy_server, comfyui_dir, tiny_checkp
     assert {"VAEEncode", "SetLatentNoiseMask", "FinetuneControlNetCondition"} <= control_types
     denoise = sorted(node["inputs"]["denoise"] for node in graph.values() if node["class_type"] == "KSampler")
     assert denoise[0] == 0.6, "the img2img sampler should keep the photo's layout"
+
+
+@pytest.mark.browser
+def test_the_frontend_loads_example_3_and_queues_what_the_test_runs(comfy, comfy_page):
+    workflow = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+
+    queued_by_frontend = comfy_page.page.evaluate(FRONTEND_QUEUE, workflow)
+
+    # Preview Any's text box is the frontend's own widget: it sends its content along, the server ignores it.
+    for node in queued_by_frontend.values():
+        if node["class_type"] == "PreviewAny":
+            node["inputs"].pop("preview", None)
+    assert whole_numbers_as_int(to_api_graph(workflow, comfy.object_info())) == whole_numbers_as_int(queued_by_frontend)
