@@ -128,6 +128,21 @@ def test_blip_caption_fills_missing_captions_writes_their_files_and_reports_prog
     assert (folder / "1.txt").read_text() == "my own caption", "a file was written although the option is off"
 
 
+def test_blip_caption_overwrites_captions_of_an_image_batch_and_writes_no_files(comfy, comfy_server):
+    Image.new("RGB", (SIDE, SIDE), "yellow").save(comfy_server.input_dir / "caption_batch.png")
+    graph = caption_graph(comfy_server.input_dir, mode="overwrite", class_noun="robot")
+    graph["load"] = {"class_type": "LoadImage", "inputs": {"image": "caption_batch.png"}}
+    graph["images"]["inputs"].update(images=["load", 0], captions="a caption given by hand")
+    before = sorted(comfy_server.input_dir.rglob("*.txt"))
+
+    result = comfy.run(graph, timeout=600)
+
+    assert result.status == "success", result.error
+    [caption] = shown_text(result).splitlines()
+    assert caption.startswith("ohwx") and "a photo of" in caption and "by hand" not in caption
+    assert sorted(comfy_server.input_dir.rglob("*.txt")) == before, "a caption file was written for pixels"
+
+
 def test_blip_caption_offline_without_the_model_says_where_to_put_it(comfy, comfy_server, tmp_path):
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
 
