@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import ConfigError
+
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
@@ -42,3 +44,10 @@ def unique_path(folder: Path, stem: str, suffix: str) -> Path:
         candidate = folder / f"{stem}_{n}{suffix}"
         n += 1
     return candidate
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """Results are never replaced silently: an existing file stays unless the user asked to overwrite it."""
+    if Path(path).exists() and not overwrite:
+        raise ConfigError("a file of that name already exists and would be replaced",
+                          "set output.overwrite = true, or choose another output.name", where=str(path))

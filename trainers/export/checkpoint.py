@@ -22,7 +22,7 @@ from ..io import atomic_path
 from ..models.families import UNET_PREFIX, Family, TextEncoderSpec
 from ..models.original_configs import VAE_PREFIX
 from ..models.single_file import CheckpointFile
-from .lora import _refuse_existing
+from ..io import refuse_existing
 
 if TYPE_CHECKING:
     from ..models.loading import BaseModel
@@ -181,7 +181,7 @@ def save_single_file(path: Path, base: "BaseModel", *, unet_state: Mapping[str, 
     """Write `base` as one .safetensors file in the original layout, atomically, with the given UNet and text
     encoder weights in place of the base's own. An fp8 `dtype` stores matrices in fp8 and vectors in fp16."""
     path = Path(path)
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     unet_state = unet_state if unet_state is not None else base.unet.state_dict()
     if text_encoder_states is None:
         text_encoder_states = [encoder.state_dict() for encoder in base.text_encoders]

@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ModelError
-from ..io import atomic_path
+from ..io import atomic_path, refuse_existing
 from ..models.families import UNET_PREFIX
 from .checkpoint import unet_to_original
-from .lora import _refuse_existing
 
 _CONTROL_PREFIXES = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
@@ -53,7 +52,7 @@ def save_controlnet(path: Path, state: Mapping[str, torch.Tensor], unet_config: 
                     metadata: dict[str, str], *, overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
     """Write the ControlNet atomically, in `dtype` (fp16 halves the file; ControlNet weights are well inside its range)."""
     path = Path(path)
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in controlnet_to_original(state, unet_config).items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

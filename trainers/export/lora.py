@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..adapters import lora_layers
-from ..errors import ConfigError, ModelError
-from ..io import atomic_path
+from ..errors import ModelError
+from ..io import atomic_path, refuse_existing
 from ..models.families import FAMILIES
 
 UNET_PREFIX = "lora_unet"
@@ -53,7 +53,7 @@ def kohya_lora_state(unet: torch.nn.Module | None = None, text_encoders: list | 
 def save_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], *, overwrite: bool = False) -> Path:
     """Write `state` with `metadata` as one .safetensors file, atomically; an existing file is kept unless `overwrite`."""
     path = Path(path)
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     not_text = sorted(key for key, value in metadata.items() if not isinstance(value, str))
     if not_text:
         raise TypeError(f"safetensors metadata values must be strings: {', '.join(not_text)}")
@@ -68,7 +68,7 @@ def save_peft_lora(folder: Path, unet: torch.nn.Module | None, text_encoders: li
     `pipeline.load_lora_weights(folder)` restores the adapters exactly. Returns `folder`."""
     folder = Path(folder)
     target = folder / LORA_WEIGHT_NAME_SAFE
-    _refuse_existing(target, overwrite)
+    refuse_existing(target, overwrite)
     names = ("unet", "text_encoder", "text_encoder_2")
     kwargs = {}
     for name, module in zip(names, (unet, *text_encoders)):
@@ -114,12 +114,6 @@ def _put_layer(state: dict[str, torch.Tensor], key: str, layer, adapter_name: st
     state[f"{key}.lora_down.weight"] = layer.lora_A[adapter_name].weight.detach().to(dtype).contiguous()
     state[f"{key}.lora_up.weight"] = layer.lora_B[adapter_name].weight.detach().to(dtype).contiguous()
     state[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter_name]), dtype=torch.float32)
-
-
-def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise ConfigError("a file of that name already exists and would be replaced",
-                          "set output.overwrite = true, or choose another output.name", where=str(path))
 
 
 _ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
