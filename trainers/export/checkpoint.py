@@ -18,11 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ModelError
-from ..io import atomic_path
+from ..io import atomic_path, refuse_existing
 from ..models.families import UNET_PREFIX, Family, TextEncoderSpec
 from ..models.original_configs import VAE_PREFIX
 from ..models.single_file import CheckpointFile
-from ..io import refuse_existing
 
 if TYPE_CHECKING:
     from ..models.loading import BaseModel
