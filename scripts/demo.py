@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -21,19 +22,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from scripts import host  # noqa: E402
-from tests.comfy.client import ComfyClient, EventListener, PromptRejected, image_paths, newest_files  # noqa: E402
+from tests.comfy.client import ComfyClient, EventListener, PromptRejected, image_paths  # noqa: E402
 from tests.comfy.server import (ServerError, check_pack_loaded, expected_node_ids, pack_nodes,  # noqa: E402
-                                prepare_host, start_server, tiny_checkpoint_name)
+                                start_server)
 from tests.comfy.workflow import WorkflowError, to_api_graph  # noqa: E402
 
 WORKFLOW = REPO / "example_workflows" / "01_photos_to_lora.json"
 SAMPLES = REPO / "assets" / "sample_images"
 CHECKPOINT_ENV = "FINETUNE_DEMO_CHECKPOINT"
 TIMEOUT_S = 3 * 3600
-# With the tiny random checkpoint only the plumbing is real: keep every loop short.
-QUICK_PACK_SETTINGS = {"steps": 30, "max_steps": 30, "resolution": 64, "sample_steps": 4, "num_images": 2}
+# The workflow is written for photos of a dog; the bundled samples show a toy robot.
+SUBJECT = (re.compile(r"\bdog\b"), "toy robot")
+RUN_NAME = "demo_robot_lora"
+# With the tiny random models only the plumbing is real: keep every loop short.
+QUICK_PACK_SETTINGS = {"steps": 30, "resolution": 64, "sample_every": 15}
 QUICK_STOCK_SETTINGS = {"steps": 4, "width": 64, "height": 64}
 FOLDER_WORDS = ("folder", "directory", "path")
+STOCK_SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 
 
 class DemoError(RuntimeError):
@@ -51,17 +56,17 @@ def main() -> int:
 def run_demo() -> int:
     if not WORKFLOW.is_file():
         raise DemoError(f"{WORKFLOW.relative_to(REPO)} does not exist yet: the example workflow is needed for the demo")
+    comfy = host.ensure_host()
     real_checkpoint = os.environ.get(CHECKPOINT_ENV, "").strip()
-    comfy = host.ensure_host() if real_checkpoint else prepare_host(("sd1",))
-    checkpoint = real_checkpoint or tiny_checkpoint_name(comfy)
-    if not (comfy / "models" / "checkpoints" / checkpoint).is_file():
-        raise DemoError(f"{CHECKPOINT_ENV}={checkpoint}: no such file in {comfy / 'models' / 'checkpoints'}")
-    print(f"demo: ComfyUI at {comfy}\ndemo: base checkpoint {checkpoint}" + ("" if real_checkpoint else " (tiny, random weights: the images will be noise)"))
+    models = [real_checkpoint] if real_checkpoint else install_tiny_models(comfy)
+    if real_checkpoint and not (comfy / "models" / "checkpoints" / real_checkpoint).is_file():
+        raise DemoError(f"{CHECKPOINT_ENV}={real_checkpoint}: no such file in {comfy / 'models' / 'checkpoints'}")
+    print(f"demo: ComfyUI at {comfy}\ndemo: base checkpoint {models[0]}"
+          + ("" if real_checkpoint else " (tiny, random weights: the pictures will be noise, the plumbing is real)"))
 
     expected, warnings = expected_node_ids(comfy)
     for warning in warnings:
         print(f"demo: warning: {warning}")
-    started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="finetune-demo-"))
     with start_server(comfy, workdir, output_dir=comfy / "output") as server:
         print(f"demo: ComfyUI serving at {server.base_url} (log: {server.log_path})")
@@ -69,7 +74,7 @@ def run_demo() -> int:
         client = ComfyClient(server.base_url)
         object_info = client.object_info()
         graph = to_api_graph(json.loads(WORKFLOW.read_text(encoding="utf-8")), object_info)
-        prepare_graph(graph, object_info, checkpoint, quick=not real_checkpoint)
+        prepare_graph(graph, object_info, models, quick=not real_checkpoint)
         with client.events() as events:
             prompt_id = client.submit(graph)
             print(f"demo: queued {WORKFLOW.name} as prompt {prompt_id}")
@@ -78,37 +83,59 @@ def run_demo() -> int:
             where = f" in node {result.error.node_id} ({result.error.node_type})" if result.error else ""
             message = result.error.message if result.error else "no error message"
             raise DemoError(f"the workflow {result.status}{where}: {message}\n--- server log ---\n{server.log_tail()}")
-        loras = newest_files(comfy / "models" / "loras", "*.safetensors", since=started)
+        loras, reused = trained_loras(events, comfy / "models" / "loras")
         images = image_paths(result, server.output_dir)
     if not loras:
-        raise DemoError(f"the workflow succeeded but wrote no LoRA into {comfy / 'models' / 'loras'}")
-    print("demo: done.")
-    print("  LoRA:   " + ", ".join(map(str, loras)))
+        raise DemoError(f"the workflow succeeded but no LoRA of it is in {comfy / 'models' / 'loras'}")
+    print("demo: done." + (" (an identical earlier run was reused: delete its LoRA to train again)" if reused else ""))
+    print("  LoRA:   " + ", ".join(loras))
     print("  images: " + (", ".join(map(str, images)) or "none saved"))
     return 0
 
 
-def prepare_graph(graph: dict[str, Any], object_info: dict[str, Any], checkpoint: str, quick: bool) -> None:
-    """Point the workflow at the sample images and the checkpoint; with the tiny checkpoint, shorten every loop."""
+def install_tiny_models(comfy: Path) -> list[str]:
+    """Install the tiny checkpoint and BLIP; their names as ComfyUI's model inputs list them."""
+    from scripts import tiny_models
+
+    return [path.name for path in tiny_models.install_into(comfy, families=("sd1",)).values()]
+
+
+def prepare_graph(graph: dict[str, Any], object_info: dict[str, Any], models: list[str], quick: bool) -> None:
+    """Point the workflow at the sample images and the given models, name the run, and with the tiny models
+    shorten every loop."""
     ours = set(pack_nodes(object_info))
     pointed = 0
     for node in graph.values():
         specs = _input_specs(object_info[node["class_type"]])
+        is_ours = node["class_type"] in ours
         for name, value in list(node["inputs"].items()):
             kind, options = specs.get(name, (None, {}))
+            choices = kind if isinstance(kind, list) else options.get("options") or []
             if isinstance(value, list):
                 continue  # a link
-            if checkpoint in (kind if isinstance(kind, list) else options.get("options") or []):
-                node["inputs"][name] = checkpoint
-            elif node["class_type"] in ours and kind == "STRING" and any(w in name for w in FOLDER_WORDS) \
+            if any(model in choices for model in models):
+                node["inputs"][name] = next(model for model in models if model in choices)
+            elif kind == "STRING" and is_ours and any(w in name for w in FOLDER_WORDS) \
                     and "image" in (name + node["class_type"]).lower():
                 node["inputs"][name] = str(SAMPLES)
                 pointed += 1
+            elif kind == "STRING" and is_ours and name == "name":
+                node["inputs"][name] = RUN_NAME
+            elif kind == "STRING":
+                node["inputs"][name] = SUBJECT[0].sub(SUBJECT[1], value)
             elif quick and kind == "INT":
-                settings = QUICK_PACK_SETTINGS if node["class_type"] in ours else QUICK_STOCK_SETTINGS
-                node["inputs"][name] = settings.get(name, value)
+                node["inputs"][name] = (QUICK_PACK_SETTINGS if is_ours else QUICK_STOCK_SETTINGS).get(name, value)
     if not pointed:
         raise DemoError(f"{WORKFLOW.name} has no image-folder input on the pack's dataset node to point at {SAMPLES}")
+
+
+def trained_loras(events: EventListener, loras_dir: Path) -> tuple[list[str], bool]:
+    """The LoRA files the run saved (from the pack's `finetune.status` events); when it trained nothing because
+    an identical earlier run was reused, that run's files (named after the run). Also: whether it was reused."""
+    saved = [e["path"] for e in events.of_type("finetune.status") if e.get("event") == "saved" and e.get("kind") == "lora"]
+    if saved:
+        return saved, False
+    return [str(path) for path in sorted(loras_dir.glob(f"{RUN_NAME}*.safetensors"))], True
 
 
 def _input_specs(info: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -120,7 +147,8 @@ def _input_specs(info: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
 
 
 def wait_printing_progress(client: ComfyClient, events: EventListener, prompt_id: str, graph: dict[str, Any]):
-    """Print node starts, progress (at most once a second) and the pack's own events until the prompt ends."""
+    """Print node starts, sampler steps, training progress (every 2 s at most), samples and saved files until
+    the prompt ends."""
     deadline = time.monotonic() + TIMEOUT_S
     seen, last_print = 0, 0.0
     while time.monotonic() < deadline:
@@ -137,19 +165,20 @@ def wait_printing_progress(client: ComfyClient, events: EventListener, prompt_id
 
 def print_event(event: dict[str, Any], graph: dict[str, Any], last_print: float) -> float:
     kind, data = event["type"], event.get("data", {})
-    title = graph.get(str(data.get("node")), {}).get("_meta", {}).get("title", data.get("node"))
+    title = graph.get(str(data.get("node") or data.get("node_id")), {}).get("_meta", {}).get("title", "")
     if kind == "executing" and data.get("node"):
         print(f"demo: running {title}")
-        return last_print
-    frequent = kind == "progress" or kind.endswith("progress")
-    if frequent and time.monotonic() - last_print < 1.0 and data.get("value") != data.get("max"):
-        return last_print
-    if kind == "progress":
+    elif kind == "finetune.progress" and (time.monotonic() - last_print >= 2 or data.get("step") == data.get("total")):
+        eta = f", about {data['eta_s']:.0f} s left" if data.get("eta_s") else ""
+        print(f"demo:   {title}: step {data.get('step')}/{data.get('total')}, loss {data.get('loss_avg', 0):.4f}{eta}")
+        return time.monotonic()
+    elif kind == "finetune.sample":
+        print(f"demo:   {title}: sample images at step {data.get('step')}: {', '.join(data.get('paths', []))}")
+    elif kind == "finetune.status" and data.get("path"):
+        print(f"demo:   {title}: {data.get('event')} {data['path']}")
+    elif kind == "progress" and graph.get(str(data.get("node")), {}).get("class_type") in STOCK_SAMPLERS:
         print(f"demo:   {title}: {data.get('value')}/{data.get('max')}")
-    elif kind.startswith("finetune."):
-        details = ", ".join(f"{k}={v}" for k, v in data.items() if isinstance(v, (int, float, str)) and k != "node")
-        print(f"demo:   {kind}: {details}"[:200])
-    return time.monotonic() if frequent else last_print
+    return last_print
 
 
 if __name__ == "__main__":
