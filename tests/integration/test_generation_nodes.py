@@ -4,6 +4,7 @@ runs the next graph."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 import tiny_controlnet
 from tests.comfy.client import image_paths
+from tests.unit.test_preprocess import save_tiny_depth_model
 from tiny_models import BLIP_NAME
 from trainers.export.lora import save_lora
 
@@ -52,7 +54,8 @@ def with_lora(graph: dict, lora_name: str, strength: float = 1.0) -> dict:
     return graph
 
 
-def with_controlnet(graph: dict, control_net: str, image: str, *, repeat: int = 1, preprocessor: str = "canny") -> dict:
+def with_controlnet(graph: dict, control_net: str, image: str, *, repeat: int = 1, preprocessor: str = "canny",
+                    depth_model: str = "(none)") -> dict:
     graph["control_image"] = {"class_type": "LoadImage", "inputs": {"image": image}}
     images = ["control_image", 0]
     if repeat > 1:
@@ -62,7 +65,7 @@ def with_controlnet(graph: dict, control_net: str, image: str, *, repeat: int = 
         "positive": ["pos", 0], "negative": ["neg", 0], "control_net": control_net, "image": images,
         "preprocessor": preprocessor, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0,
         "low_threshold": 0.1, "high_threshold": 0.2, "threshold": 0.5, "blur": 1.0, "seed": 0,
-        "depth_model": "(none)"}}
+        "depth_model": depth_model}}
     graph["sampler"]["inputs"].update(positive=["control", 0], negative=["control", 1])
     return graph
 
@@ -303,3 +306,19 @@ def test_depth_without_a_depth_model_says_what_to_download(comfy, tiny_checkpoin
     message = run_error(comfy, graph)
 
     assert "`depth_model`" in message and "depth_estimation" in message and "download" in message
+
+
+def test_normal_maps_come_from_a_depth_model_in_the_models_folder(comfy, comfy_server, comfyui_dir, tiny_checkpoint,
+                                                                  control_net, control_images):
+    folder = comfyui_dir / "models" / "depth_estimation" / "test-tiny-dpt"
+    save_tiny_depth_model(folder)
+    graph = with_controlnet(txt2img(tiny_checkpoint, "cn_normal"), control_net, control_images["square"],
+                            preprocessor="normal", depth_model=folder.name)
+    try:
+        result = comfy.run(graph, timeout=600)
+    finally:
+        shutil.rmtree(folder)
+
+    assert result.status == "success", result.error
+    [preview] = result.outputs["control"]["images"]
+    assert preview["type"] == "temp"

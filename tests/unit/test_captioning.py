@@ -121,7 +121,7 @@ def test_close_frees_the_model_and_can_be_called_twice():
     assert captioner.model is None
 
 
-def test_an_unknown_source_is_a_model_error_listing_the_choices(tmp_path):
+def test_an_unknown_source_is_a_model_error_listing_the_choices():
     with pytest.raises(ModelError) as error:
         BlipCaptioner("someone/blip-xl")
     assert HUB_MODELS[0] in error.value.fix and error.value.where == "someone/blip-xl"

@@ -131,17 +131,23 @@ def test_shuffle_is_seeded_keeps_colours_and_scrambles_layout():
     assert torch.equal(first[..., 1], torch.zeros(1, 64, 64))
 
 
-@pytest.fixture(scope="module")
-def tiny_depth_model(tmp_path_factory) -> DepthEstimator:
+def save_tiny_depth_model(folder) -> None:
+    """A random DPT depth model of a few hundred kB, saved as a downloaded one would be."""
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-    folder = tmp_path_factory.mktemp("tiny-dpt")
     config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
                        patch_size=8, neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
                        backbone_out_indices=[0, 1, 2, 3], reassemble_factors=[4, 2, 1, 0.5])
-    torch.manual_seed(0)
-    DPTForDepthEstimation(config).save_pretrained(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        DPTForDepthEstimation(config).save_pretrained(folder)
     DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_model(tmp_path_factory) -> DepthEstimator:
+    folder = tmp_path_factory.mktemp("tiny-dpt")
+    save_tiny_depth_model(folder)
     return DepthEstimator(folder)
 
 
