@@ -59,12 +59,14 @@ class LoadTrainingImages(io.ComfyNode):
                                         "all of them. Ignored for a folder (use .txt files there)."),
             ],
             outputs=[
-                DatasetType.Output("dataset", tooltip="The training images with their captions and options; connect "
-                                                      "to a caption node or a Train node."),
-                io.Image.Output("preview", tooltip=f"The first {PREVIEW_LIMIT} images, cropped square to one size "
-                                                   "for viewing."),
-                io.String.Output("report", tooltip="How many images were found, their captions and sizes, and "
-                                                   "every skipped file with the reason."),
+                DatasetType.Output("dataset", display_name="dataset",
+                                   tooltip="The training images with their captions and options; connect to a "
+                                           "caption node or a Train node."),
+                io.Image.Output("preview", display_name="preview",
+                                tooltip=f"The first {PREVIEW_LIMIT} images, cropped square to one size for viewing."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="How many images were found, their captions and sizes, and every skipped "
+                                         "file with the reason."),
             ],
         )
 

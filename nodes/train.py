@@ -87,9 +87,11 @@ def base_inputs(methods: dict[str, bool], default_name: str) -> tuple[list, list
     return head + tail, closing
 
 
-LOSS_OUTPUT = io.Image.Output("loss_chart", tooltip="The loss per step (thin) and its moving average (bold).")
-SAMPLES_OUTPUT = io.Image.Output("samples", tooltip="The sample images of the last step (black when no "
-                                                    "sample prompts were given).")
+def chart_and_sample_outputs() -> list[io.Output]:
+    return [io.Image.Output("loss_chart", display_name="loss_chart",
+                            tooltip="The loss per step (thin) and its moving average (bold)."),
+            io.Image.Output("samples", display_name="samples",
+                            tooltip="The sample images of the last step (black when no sample prompts were given).")]
 
 
 class TrainLoRA(io.ComfyNode):
@@ -110,10 +112,11 @@ class TrainLoRA(io.ComfyNode):
                                    tooltip="Scales the LoRA's effect while training; the rank or half of it is usual."),
                     *closing],
             outputs=[
-                LoraType.Output("lora", tooltip="The trained LoRA, for Apply LoRA."),
-                io.String.Output("lora_name", tooltip="Its file name in models/loras, usable with ComfyUI's own "
-                                                      "Load LoRA (refresh the page to see it there)."),
-                LOSS_OUTPUT, SAMPLES_OUTPUT,
+                LoraType.Output("lora", display_name="lora", tooltip="The trained LoRA, for Apply LoRA."),
+                io.String.Output("lora_name", display_name="lora_name",
+                                 tooltip="Its file name in models/loras, usable with ComfyUI's own Load LoRA "
+                                         "(refresh the page to see it there)."),
+                *chart_and_sample_outputs(),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -158,9 +161,10 @@ class TrainCheckpoint(io.ComfyNode):
                                              "steadier results."),
                     *closing],
             outputs=[
-                io.String.Output("checkpoint_name", tooltip="Its file name in models/checkpoints, for Load "
-                                                            "Checkpoint (the list refreshes on the next queue)."),
-                LOSS_OUTPUT, SAMPLES_OUTPUT,
+                io.String.Output("checkpoint_name", display_name="checkpoint_name",
+                                 tooltip="Its file name in models/checkpoints, for Load Checkpoint (the list "
+                                         "refreshes on the next queue)."),
+                *chart_and_sample_outputs(),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,

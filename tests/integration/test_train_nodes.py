@@ -1,0 +1,146 @@
+"""The training nodes on a real ComfyUI server: every bad input ends as one execution error that names the problem
+and the fix (and the server goes on to run the next graph); a full fine-tune writes a checkpoint that ComfyUI's own
+Load Checkpoint loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.comfy.client import image_paths
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "assets" / "sample_images"
+TINY_RUN = '[output]\nsample_steps = 2\ntensorboard = false\n[train]\nwarmup_steps = 0\n'
+
+
+@pytest.fixture(scope="module")
+def robots(comfy_server) -> str:
+    """Four captioned sample images in a subfolder of the server's input folder; returns the subfolder's name."""
+    folder = comfy_server.input_dir / "robots"
+    folder.mkdir(exist_ok=True)
+    for image in sorted(SAMPLE_IMAGES.glob("robot_0[1-4].png")):
+        shutil.copy(image, folder / image.name)
+        if image.with_suffix(".txt").exists():
+            shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    return folder.name
+
+
+def load_images(folder: str = "(none)", path: str = "", **options) -> dict:
+    inputs = dict(folder=folder, path=path, repeats=1, resolution=64, crop="center", flip=False, bucketing=False)
+    return {"class_type": "FinetuneLoadTrainingImages", "inputs": {**inputs, **options}}
+
+
+def train_node(kind: str, checkpoint: str, **options) -> dict:
+    inputs = dict(base_checkpoint=checkpoint, dataset=["1", 0], trigger_word="sks", class_noun="robot", steps=2,
+                  learning_rate=1e-4, resolution=0, batch_size=1, train_text_encoder=False, seed=3,
+                  sample_prompts="", sample_every=0, advanced=TINY_RUN)
+    if kind == "FinetuneTrainLoRA":
+        inputs.update(method="LoRA", rank=4, alpha=4.0, name="bad_input_lora")
+    else:
+        inputs.update(method="Full fine-tune", ema=True, name="tiny_full")
+    return {"class_type": kind, "inputs": {**inputs, **options}}
+
+
+def dataset_preview_graph(folder: str) -> dict:
+    return {"1": load_images(folder=folder), "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoint(comfyui_dir):
+    path = comfyui_dir / "models" / "checkpoints" / "finetune_test_broken.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    yield path.name
+    path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("case, dataset, train, expected", [
+    ("empty folder", {"path": "empty_folder"}, {}, ["no images found", "empty_folder", "`path`"]),
+    ("missing folder", {"path": "/no/such/folder"}, {}, ["/no/such/folder", "does not exist", "`path`"]),
+    ("missing checkpoint", {}, {"base_checkpoint": "no_such_model.safetensors"},
+     ["`base_checkpoint`", "no_such_model.safetensors", "models/checkpoints"]),
+    ("rank 0", {}, {"rank": 0}, ["`rank`", "at least 1, got 0"]),
+    ("negative learning rate", {}, {"learning_rate": -0.001}, ["`learning_rate`", "got -0.001", "1e-4"]),
+    ("unknown advanced setting", {}, {"advanced": "[train]\nturbo = true"}, ["`advanced`", "turbo"]),
+    ("unreadable checkpoint file", {}, {"base_checkpoint": "broken"},
+     ["Training failed", "finetune_test_broken.safetensors", "not a readable .safetensors"]),
+])
+def test_a_bad_input_is_one_clear_execution_error_and_the_next_graph_runs(
+        comfy, comfy_server, robots, tiny_checkpoint, broken_checkpoint, case, dataset, train, expected):
+    (comfy_server.input_dir / "empty_folder").mkdir(exist_ok=True)
+    if train.get("base_checkpoint") == "broken":
+        train = {**train, "base_checkpoint": broken_checkpoint}
+    graph = {"1": load_images(path=dataset.get("path", robots)),
+             "2": train_node("FinetuneTrainLoRA", tiny_checkpoint, **train)}
+
+    result = comfy.run(graph, timeout=300)
+
+    assert result.status == "error", f"{case}: {result.status}"
+    message = result.error.message
+    assert result.error.node_type in ("FinetuneLoadTrainingImages", "FinetuneTrainLoRA")
+    for needle in expected:
+        assert needle in message, f"{case}: {needle!r} not in {message!r}"
+    assert message.startswith("finetune.NodeError: ") and "Traceback" not in message and "\n" not in message.strip()
+    assert comfy.run(dataset_preview_graph(robots), timeout=120).status == "success", "the server did not go on"
+
+
+def test_the_dataset_node_reports_skipped_files_and_previews_what_it_kept(comfy, comfy_server, robots):
+    folder = comfy_server.input_dir / "robots_with_junk"
+    shutil.copytree(comfy_server.input_dir / robots, folder, dirs_exist_ok=True)
+    (folder / "truncated.png").write_bytes((folder / "robot_01.png").read_bytes()[:200])
+    Image.new("RGB", (16, 16)).save(folder / "tiny.png")
+    graph = {"1": load_images(folder=folder.name),
+             "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}},
+             "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
+
+    result = comfy.run(graph, timeout=120)
+
+    assert result.status == "success", result.error
+    report = "".join(result.outputs["2"]["text"])
+    assert "4 training image(s)" in report
+    assert "truncated.png" in report and "tiny.png" in report and "skipped 2 file(s)" in report
+    previews = result.outputs["3"]["images"]
+    assert len(previews) == 4
+
+
+def test_a_full_fine_tune_writes_a_checkpoint_that_load_checkpoint_loads(comfy, comfy_server, comfyui_dir, robots,
+                                                                          tiny_checkpoint):
+    graph = {"1": load_images(folder=robots), "2": train_node("FinetuneTrainCheckpoint", tiny_checkpoint)}
+
+    result = comfy.run(graph, timeout=900)
+
+    assert result.status == "success", result.error
+    [record] = [r for r in runs(comfy_server) if r["name"] == "tiny_full"]
+    assert record["status"] == "succeeded" and record["method"] == "full" and record["step"] == 2
+    name = record["outputs"]["checkpoint"]
+    written = comfyui_dir / "models" / "checkpoints" / name
+    try:
+        assert written.is_file() and Path(record["outputs"]["path"]).resolve() == written.resolve()
+        loaded = comfy.run(txt2img_graph(name), timeout=300)
+        assert loaded.status == "success", loaded.error
+        [image] = image_paths(loaded, comfy_server.output_dir)
+        assert Image.open(image).size == (64, 64)
+    finally:
+        written.unlink(missing_ok=True)
+
+
+def runs(comfy_server) -> list[dict]:
+    root = comfy_server.output_dir / "finetune"
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/run.json"))]
+
+
+def txt2img_graph(checkpoint: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks robot", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "full_finetune"}},
+    }
