@@ -145,8 +145,10 @@ class TrainerProcess:
         self._start()
         try:
             self._follow()
-        except BaseException:
+        except BaseException as exc:
             self._stop_process(graceful=False)
+            if self.record.status == "running":  # not ended by Cancel or a reported failure: a fault here
+                self._end("failed", f"{type(exc).__name__}: {exc}")
             raise
         return self._finish()
 

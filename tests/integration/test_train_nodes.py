@@ -5,13 +5,15 @@ Load Checkpoint loads."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.comfy.client import image_paths
+from tests.comfy.client import ComfyClient, image_paths
 
 SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "assets" / "sample_images"
 TINY_RUN = '[output]\nsample_steps = 2\ntensorboard = false\n[train]\nwarmup_steps = 0\n'
@@ -46,7 +48,9 @@ def train_node(kind: str, checkpoint: str, **options) -> dict:
 
 
 def dataset_preview_graph(folder: str) -> dict:
-    return {"1": load_images(folder=folder), "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
+    """A quick graph that must run: a subfolder of the input folder, or an absolute path."""
+    images = load_images(path=folder) if Path(folder).is_absolute() else load_images(folder=folder)
+    return {"1": images, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,39 @@ def test_a_full_fine_tune_writes_a_checkpoint_that_load_checkpoint_loads(comfy, 
         assert Image.open(image).size == (64, 64)
     finally:
         written.unlink(missing_ok=True)
+
+
+def test_a_trainer_that_dies_fails_the_node_with_the_reason_and_the_queue_goes_on(comfy, comfy_server, robots,
+                                                                                  tiny_checkpoint):
+    graph = {"1": load_images(folder=robots),
+             "2": train_node("FinetuneTrainLoRA", tiny_checkpoint, steps=500, name="killed_lora")}
+    with comfy.events() as events:
+        prompt_id = comfy.submit(graph)
+        started = events.wait_for(lambda e: e["type"] == "finetune.progress", timeout=600)["data"]
+        [record] = [r for r in runs(comfy_server) if r["id"] == started["run_id"]]
+        os.kill(record["pid"], signal.SIGKILL)  # as the system's out-of-memory killer would
+        result = comfy.wait(prompt_id, timeout=120)
+
+    assert result.status == "error"
+    assert "killed by signal 9" in result.error.message and "`batch_size`" in result.error.message
+    [record] = [r for r in runs(comfy_server) if r["id"] == started["run_id"]]
+    assert record["status"] == "failed" and record["pid"] == 0 and "signal 9" in record["error"]
+    assert comfy.run(dataset_preview_graph(robots), timeout=120).status == "success"
+
+
+def test_a_trainer_that_stays_silent_too_long_is_stopped_and_the_queue_goes_on(start_extra_server, tiny_checkpoint):
+    server = start_extra_server(extra_env={"COMFYUI_FINETUNE_IDLE_TIMEOUT_S": "1"})
+    client = ComfyClient(server.base_url)
+    graph = {"1": load_images(path=str(SAMPLE_IMAGES)), "2": train_node("FinetuneTrainLoRA", tiny_checkpoint)}
+
+    result = client.run(graph, timeout=300)
+
+    assert result.status == "error"
+    message = result.error.message
+    assert "printed nothing for 1 s" in message and "COMFYUI_FINETUNE_IDLE_TIMEOUT_S" in message
+    [record] = runs(server)
+    assert record["status"] == "failed" and record["pid"] == 0
+    assert client.run(dataset_preview_graph(str(SAMPLE_IMAGES)), timeout=120).status == "success"
 
 
 def runs(comfy_server) -> list[dict]:
