@@ -14,9 +14,11 @@ from diffusers import DDIMScheduler
 
 
 def ddim_scheduler_for(noise_scheduler_config, num_steps: int, device) -> DDIMScheduler:
-    """A DDIM sampler matching the model's noise schedule. The last step must keep some noise (alpha_prev < 1),
-    otherwise its std is 0 and the log-probability of that step is undefined."""
-    scheduler = DDIMScheduler.from_config(noise_scheduler_config, set_alpha_to_one=False, thresholding=False)
+    """A DDIM sampler matching the model's noise schedule, with SD's own DDIM spacing (timesteps 1 + k·1000/steps,
+    which is also what `step` assumes). Every step must keep some noise, or its std is 0 and its log-probability
+    undefined: so the chain ends at t = 1, not 0, and the final alpha is not rounded up to 1."""
+    scheduler = DDIMScheduler.from_config(noise_scheduler_config, set_alpha_to_one=False, thresholding=False,
+                                          timestep_spacing="leading", steps_offset=1)
     scheduler.set_timesteps(num_steps, device=device)
     return scheduler
 

@@ -51,17 +51,19 @@ class AestheticReward:
     """LAION's improved aesthetic predictor: L2-normalised CLIP image embedding -> 5 linear layers -> score (1-10)."""
 
     def __init__(self, clip_model: str, head_file: str, device: torch.device):
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPImageProcessor, CLIPModel
 
         self.device = device
-        self.clip = _load(CLIPVisionModelWithProjection, clip_model, "ddpo.reward_model").to(device).eval()
+        head = _read_aesthetic_head(Path(head_file))
+        self.clip = _load(CLIPModel, clip_model, "ddpo.reward_model").to(device).eval()
         self.processor = _load(CLIPImageProcessor, clip_model, "ddpo.reward_model")
-        self.head = _aesthetic_head(Path(head_file), self.clip.config.projection_dim).to(device).eval()
+        self.head = _aesthetic_head(head, self.clip.config.projection_dim, where=f"ddpo.aesthetic_head = {head_file}")
+        self.head.to(device).eval()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         inputs = self.processor(images=to_pil(images), return_tensors="pt").to(self.device)
-        embeds = self.clip(**inputs).image_embeds.float()
+        embeds = self.clip.get_image_features(**inputs).pooler_output.float()  # projected, as CLIP.encode_image
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return self.head(embeds).squeeze(-1).float().cpu()
 
@@ -120,11 +122,14 @@ def make_reward(cfg: DDPOConfig, device: torch.device) -> Reward:
 
 
 def _load(cls, source: str, field: str):
-    looks_local = Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or "\\" in source
+    path = Path(source).expanduser()
+    local = path.exists() or source.startswith((".", "/", "~")) or "\\" in source
+    if local and not path.is_dir():
+        raise ModelError("the reward model folder does not exist", "download the model into a folder (config.json, "
+                         "weights, tokenizer and preprocessor files) and give its path", where=f"{field} = {source}")
     try:
-        return cls.from_pretrained(str(Path(source).expanduser()) if looks_local else source,
-                                   local_files_only=looks_local)
-    except (OSError, ValueError) as exc:
+        return cls.from_pretrained(str(path) if local else source, local_files_only=local)
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a model of another kind or size
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the reward model ({first_line})",
                          "set it to a local folder in the transformers layout (config.json, weights, tokenizer and "
@@ -132,7 +137,7 @@ def _load(cls, source: str, field: str):
                          "Salesforce/blip-itm-base-coco", where=f"{field} = {source}") from None
 
 
-def _aesthetic_head(path: Path, embed_dim: int) -> torch.nn.Module:
+def _read_aesthetic_head(path: Path) -> dict[str, torch.Tensor]:
     where = f"ddpo.aesthetic_head = {path}"
     if not path.is_file():
         raise ModelError("the aesthetic predictor file does not exist",
@@ -147,11 +152,17 @@ def _aesthetic_head(path: Path, embed_dim: int) -> torch.nn.Module:
     except Exception as exc:  # any unreadable file: pickle, zip or safetensors errors alike
         raise ModelError(f"cannot read the aesthetic predictor ({type(exc).__name__})",
                          "download the file again", where=where) from None
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    if not isinstance(state.get("layers.0.weight"), torch.Tensor) or state["layers.0.weight"].shape[1] != embed_dim:
+    return {k.removeprefix("model."): v for k, v in state.items()} if isinstance(state, dict) else {}
+
+
+def _aesthetic_head(state: dict[str, torch.Tensor], embed_dim: int, *, where: str) -> torch.nn.Module:
+    """The predictor's MLP: Linear layers at indices 0, 2, 4, 6 and 7 (dropouts between the first four)."""
+    layers = (0, 2, 4, 6, 7)
+    if any(not isinstance(state.get(f"layers.{i}.weight"), torch.Tensor) for i in layers) \
+            or state["layers.0.weight"].shape[1] != embed_dim:
         raise ModelError(f"not a LAION aesthetic predictor for {embed_dim}-wide CLIP embeddings",
                          "use the predictor made for the CLIP model in ddpo.reward_model (ViT-L/14: 768)", where=where)
-    widths = [state["layers.0.weight"].shape[1]] + [state[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)]
+    widths = [embed_dim] + [state[f"layers.{i}.weight"].shape[0] for i in layers]
     head = torch.nn.Sequential(
         torch.nn.Linear(widths[0], widths[1]), torch.nn.Dropout(0.2), torch.nn.Linear(widths[1], widths[2]),
         torch.nn.Dropout(0.2), torch.nn.Linear(widths[2], widths[3]), torch.nn.Dropout(0.1),

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from ..config import Config
 from ..errors import ConfigError, ModelError
 from ..io import atomic_path
-from .metadata import architecture
+from ..models.families import Family
 
 EMBEDDING_KEYS: dict[str, tuple[str, ...]] = {"sd1": ("emb_params",), "sd2": ("emb_params",),
                                               "sdxl": ("clip_l", "clip_g")}
@@ -29,11 +29,11 @@ def embedding_state(family_name: str, vectors: list[torch.Tensor]) -> dict[str, 
     return {key: v.detach().to("cpu", torch.float32).contiguous() for key, v in zip(keys, vectors)}
 
 
-def embedding_metadata(cfg: Config, *, family_name: str, prediction_type: str, steps_done: int,
+def embedding_metadata(cfg: Config, *, family: Family, prediction_type: str, steps_done: int,
                        finished_at: float) -> dict[str, str]:
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture(family_name, prediction_type, "textual-inversion"),
+        "modelspec.architecture": f"{family.modelspec_architecture(prediction_type)}/textual-inversion",
         "modelspec.title": cfg.output.name,
         "modelspec.trigger_phrase": cfg.data.trigger_word,
         "modelspec.date": datetime.fromtimestamp(finished_at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

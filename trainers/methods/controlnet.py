@@ -20,7 +20,6 @@ from ..data.dataset import TrainingDataset
 from ..data.images import IMAGE_EXTENSIONS, image_size, load_image, pil_to_uint8_tensor
 from ..errors import DataError
 from ..export.controlnet import save_controlnet
-from ..export.metadata import architecture
 from ..models.families import PromptEmbeds
 from ..preprocess import control_map
 from .base import MappedDataset, Method, RunSummary
@@ -130,9 +129,10 @@ class ControlNetMethod(Method):
 
     def export(self, path: Path, run: RunSummary, *, overwrite: bool) -> Path:
         opts = self.cfg.controlnet
+        family_architecture = self.base.family.modelspec_architecture(self.base.prediction_type)
         metadata = {
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": architecture(self.base.family.name, self.base.prediction_type, "controlnet"),
+            "modelspec.architecture": f"{family_architecture}/controlnet",
             "modelspec.title": self.cfg.output.name,
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run.finished_at)),
             "finetune_control": "paired maps" if opts.control_folder else opts.preprocessor,

@@ -20,7 +20,6 @@ import torch
 from ..config import ddpo_prompts
 from ..ddim_logprob import ddim_scheduler_for, ddim_step_with_logprob
 from ..errors import ConfigError
-from ..models.families import PromptEmbeds
 from ..rewards import make_reward
 from .lora import LoraMethod
 
@@ -194,19 +193,23 @@ class DDPOMethod(LoraMethod):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def guided_prediction(self, latents: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Classifier-free guided model output, with `t` one timestep or one per sample."""
+        """Classifier-free guided model output, with `t` one timestep or one per sample (guidance 1: no guidance,
+        and no unconditional pass)."""
         assert self.prep is not None
-        count = len(prompts)
-        embeds = PromptEmbeds.cat([self.prep.prompt_embeds([self.cfg.ddpo.negative_prompt] * count),
-                                   self.prep.prompt_embeds(prompts)])
-        side = self.cfg.data.resolution
-        sizes = {"original_size": [(side, side)] * 2 * count, "crop_top_left": [(0, 0)] * 2 * count,
-                 "target_size": [(side, side)] * 2 * count}
+        guidance = self.cfg.ddpo.guidance
+        passes = 1 if guidance == 1 else 2
+        texts = prompts if passes == 1 else [self.cfg.ddpo.negative_prompt] * len(prompts) + list(prompts)
+        side, rows = self.cfg.data.resolution, len(texts)
+        sizes = {"original_size": [(side, side)] * rows, "crop_top_left": [(0, 0)] * rows,
+                 "target_size": [(side, side)] * rows}
         dtype = self.base.unet.dtype
-        timesteps = torch.as_tensor(t, device=latents.device).expand(count).repeat(2)
-        out = self.predict(latents.repeat(2, 1, 1, 1).to(dtype), timesteps, embeds.to(latents.device, dtype), sizes)
-        uncond, cond = out.float().chunk(2)
-        return uncond + self.cfg.ddpo.guidance * (cond - uncond)
+        timesteps = torch.as_tensor(t, device=latents.device).expand(len(prompts)).repeat(passes)
+        embeds = self.prep.prompt_embeds(texts).to(latents.device, dtype)
+        out = self.predict(latents.repeat(passes, 1, 1, 1).to(dtype), timesteps, embeds, sizes).float()
+        if passes == 1:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
 
     # ---- the loss ----------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AddedToken
+from transformers import AddedToken, CLIPTextModel
 
 from ..data.dataset import TrainingDataset
 from ..errors import ConfigError
@@ -86,9 +86,9 @@ def _find_end_of_text_by_id(text_encoder: torch.nn.Module, tokenizer) -> None:
     # Configs from before transformers' fix say eos_token_id 2, which makes CLIP pool at the *largest* token id: once
     # tokens are added that is the new word, not the end of the text. Matching the real end-of-text id gives the
     # same result as before for every prompt without new tokens.
-    text_model = getattr(text_encoder, "text_model", None)
-    if text_model is not None and getattr(text_model, "eos_token_id", None) == 2:
-        text_model.eos_token_id = tokenizer.eos_token_id
+    for module in text_encoder.modules():
+        if isinstance(module, CLIPTextModel) and module.eos_token_id == 2:
+            module.eos_token_id = tokenizer.eos_token_id
 
 
 class TextualInversionMethod(Method):
@@ -132,7 +132,7 @@ class TextualInversionMethod(Method):
 
     def export(self, path: Path, run: RunSummary, *, overwrite: bool) -> Path:
         state = embedding_state(self.base.family.name, [patch.vectors for patch in self.patches])
-        metadata = embedding_metadata(self.cfg, family_name=self.base.family.name,
+        metadata = embedding_metadata(self.cfg, family=self.base.family,
                                       prediction_type=self.base.prediction_type, steps_done=run.steps_done,
                                       finished_at=run.finished_at)
         return save_embedding(path, state, metadata, overwrite=overwrite)
