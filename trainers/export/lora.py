@@ -15,13 +15,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from peft import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..adapters import lora_layers
 from ..errors import ModelError
 from ..io import atomic_path, refuse_existing
 from ..models.families import FAMILIES
@@ -34,6 +30,8 @@ def kohya_lora_state(unet: torch.nn.Module | None = None, text_encoders: list | 
                      adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapters of `unet` and `text_encoders` under kohya's names; `te_prefixes` pairs with `text_encoders`
     (("lora_te",) for SD1/SD2, ("lora_te1", "lora_te2") for SDXL). Modules without the adapter add nothing."""
+    from ..adapters import lora_layers  # peft: only needed to write, not to read, a LoRA
+
     if len(text_encoders) > len(te_prefixes):
         raise ValueError(f"{len(text_encoders)} text encoders but only the prefixes {te_prefixes}")
     state: dict[str, torch.Tensor] = {}
@@ -66,6 +64,12 @@ def save_peft_lora(folder: Path, unet: torch.nn.Module | None, text_encoders: li
                    adapter_name: str = "default", overwrite: bool = False) -> Path:
     """Write `folder/pytorch_lora_weights.safetensors` in diffusers' layout, with each adapter's peft config, so that
     `pipeline.load_lora_weights(folder)` restores the adapters exactly. Returns `folder`."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+    from peft import get_peft_model_state_dict
+
+    from ..adapters import lora_layers
+
     folder = Path(folder)
     target = folder / LORA_WEIGHT_NAME_SAFE
     refuse_existing(target, overwrite)
