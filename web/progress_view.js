@@ -19,10 +19,23 @@ export class ProgressView {
     this.element = el("div", { class: "finetune-progress" }, this.empty, this.stats, this.canvas, this.samples);
     this.chart = new LossChart(this.canvas);
     this.shownSamples = "";
-    this.render(null);
+    this.latest = null;
+    this.frameRequested = false;
+    this.show(null);
   }
 
+  // Fast training sends many events a second: draw at most once per frame.
   render(state) {
+    this.latest = state;
+    if (this.frameRequested) return;
+    this.frameRequested = true;
+    requestAnimationFrame(() => {
+      this.frameRequested = false;
+      this.show(this.latest);
+    });
+  }
+
+  show(state) {
     this.element.classList.toggle("finetune-progress-empty", !state);
     this.element.dataset.runId = state?.runId ?? "";
     this.element.dataset.status = state?.status ?? "";

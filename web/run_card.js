@@ -13,7 +13,8 @@ export class RunCard {
   constructor(state) {
     this.state = state;
     this.expanded = false;
-    this.fetchedAt = Date.now();
+    this.shownRecord = null;
+    this.fetchedAt = Date.now(); // when the shown record's `duration` was measured
     this.badge = el("span");
     this.meta = el("div", { class: "finetune-run-meta" });
     this.title = el("span", { class: "finetune-run-name" });
@@ -34,7 +35,10 @@ export class RunCard {
   update() {
     const { state } = this;
     const record = state.record ?? {};
-    this.fetchedAt = Date.now();
+    if (state.record !== this.shownRecord) {
+      this.shownRecord = state.record;
+      this.fetchedAt = Date.now();
+    }
     this.element.dataset.status = state.status ?? "";
     this.badge.replaceWith((this.badge = statusBadge(state.status)));
     this.title.textContent = record.name ?? state.runId;
