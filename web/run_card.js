@@ -9,6 +9,8 @@ import { liveRuns } from "./live_runs.js";
 import { ProgressView, statusBadge } from "./progress_view.js";
 import { isActive } from "./run_state.js";
 
+const RESULT_LABELS = { lora: "LoRA", checkpoint: "Checkpoint", embedding: "Embedding", controlnet: "ControlNet" };
+
 export class RunCard {
   constructor(state) {
     this.state = state;
@@ -90,7 +92,8 @@ export class RunCard {
     if (key === this.detailsKey) return;
     this.detailsKey = key;
     const record = state.record ?? {};
-    const result = record.outputs?.lora ?? record.outputs?.checkpoint;
+    // outputs: {<kind>: file name in its models folder, path, samples}; kind is lora, checkpoint, embedding...
+    const kind = Object.keys(record.outputs ?? {}).find((key) => key !== "path" && key !== "samples");
     const message = state.error && el("div", {
       class: `finetune-run-message finetune-run-message-${state.status === "failed" ? "error" : "note"}`,
     }, state.error);
@@ -98,7 +101,7 @@ export class RunCard {
     setChildren(this.details,
       this.progress.element,
       message,
-      result && el("div", { class: "finetune-run-result" }, `${record.outputs.lora ? "LoRA" : "Checkpoint"}: ${result}`),
+      kind && el("div", { class: "finetune-run-result" }, `${RESULT_LABELS[kind] ?? kind}: ${record.outputs[kind]}`),
       this.actions(),
       config && el("details", { class: "finetune-run-config" },
         el("summary", {}, "Config"), el("pre", {}, JSON.stringify(config, null, 2))),
