@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.comfy.server import (ServerError, check_pack_loaded, expected_node_id
 
 TESTS = Path(__file__).resolve().parent
 MARKED_FOLDERS = ("integration", "browser")  # each folder's tests get the marker of the same name
+RUN_ORDER = ("unit", "integration", "browser")
 HF_HOME_KEY = pytest.StashKey[str]()
 
 
@@ -35,10 +37,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        path = Path(item.path)
-        folder = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
-        if folder in MARKED_FOLDERS:
-            item.add_marker(folder)
+        if _folder(item) in MARKED_FOLDERS:
+            item.add_marker(_folder(item))
+    # Quick feedback first: unit tests, then the real server, then the browser.
+    items.sort(key=lambda item: RUN_ORDER.index(_folder(item)) if _folder(item) in RUN_ORDER else len(RUN_ORDER))
+
+
+def _folder(item: pytest.Item) -> str:
+    path = Path(item.path)
+    return path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
+
+
+@pytest.fixture(autouse=True)
+def _server_left_idle(request: pytest.FixtureRequest):
+    """After a test that used the session's server, nothing it queued keeps running into the next test."""
+    yield
+    server = request.node.funcargs.get("comfy_server")
+    if server is not None and not ComfyClient(server.base_url).settle():
+        warnings.warn(f"{request.node.nodeid} left a prompt running on the session's server that did not stop")
 
 
 @pytest.fixture(scope="session")

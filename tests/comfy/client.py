@@ -101,6 +101,17 @@ class ComfyClient:
     def interrupt(self, prompt_id: str | None = None) -> None:
         self.post("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
 
+    def settle(self, timeout: float = 120) -> bool:
+        """Drop the pending prompts, interrupt the running one and wait until nothing runs; False on timeout."""
+        self.post("/queue", {"clear": True})
+        deadline = time.monotonic() + timeout
+        while self.get("/queue").json().get("queue_running"):
+            if time.monotonic() > deadline:
+                return False
+            self.interrupt()
+            time.sleep(1)
+        return True
+
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": free_memory})
 
