@@ -207,11 +207,10 @@ def check_pack_loaded(server: ComfyServer, expected: set[str]) -> dict[str, dict
 
 
 def hide_module(folder: Path, module: str) -> Path:
-    """A folder that, put first on PYTHONPATH, makes `import <module>` fail as if it were not installed."""
-    package = folder / module
-    package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text(
-        f"raise ModuleNotFoundError(\"No module named '{module}'\", name={module!r})\n")
+    """A folder that, put first on PYTHONPATH, makes `<module>` look not installed to `import` and to
+    `importlib.util.find_spec` alike (a `None` entry in sys.modules, set by a sitecustomize)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
     return folder
 
 
