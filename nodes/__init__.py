@@ -22,14 +22,17 @@ NODE_MODULES = {
 
 def load_node_classes() -> list[type[io.ComfyNode]]:
     classes: list[type[io.ComfyNode]] = []
+    disabled: dict[str, tuple[list[str], str]] = {}  # one log line per missing package, naming every family it stops
     for name, needs in NODE_MODULES.items():
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ImportError as exc:
-            log.warning("comfyui-finetune: %s nodes disabled: %s (install %s: pip install -r requirements.txt)",
-                        name, exc, needs or "the pack's requirements")
+            disabled.setdefault(str(exc), ([], needs))[0].append(name)
             continue
         classes.extend(module.NODES)
+    for reason, (names, needs) in disabled.items():
+        log.warning("comfyui-finetune: %s nodes disabled: %s (install %s: pip install -r requirements.txt)",
+                    ", ".join(names), reason, needs or "the pack's requirements")
     return classes
 
 
