@@ -17,6 +17,7 @@ NODE_MODULES = {
     "train": "diffusers, peft, transformers, accelerate, safetensors",
     "apply": "safetensors",
     "controlnet": "",
+    "train_more": "diffusers, peft, transformers, accelerate, safetensors",
 }
 
 
