@@ -217,8 +217,3 @@ def image_paths(result: Result, output_dir: str | Path) -> list[Path]:
     return [root / image.get("subfolder", "") / image["filename"]
             for image in result.images() if image.get("type") == "output"]
 
-
-def newest_files(folder: str | Path, pattern: str = "*.png", since: float = 0.0) -> list[Path]:
-    """Files in `folder` (recursively) matching `pattern`, modified after `since`, newest first."""
-    found = [p for p in Path(folder).rglob(pattern) if p.is_file() and p.stat().st_mtime >= since]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
