@@ -38,14 +38,13 @@ def load_node_classes() -> list[type[io.ComfyNode]]:
 
 
 class FinetuneExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        from . import routes
-
-        routes.register()
-
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return load_node_classes()
 
 
 async def comfy_entrypoint() -> FinetuneExtension:
+    # ComfyUI 0.3.75 never calls ComfyExtension.on_load, so the dashboard's routes are added here (once).
+    from . import routes
+
+    routes.register()
     return FinetuneExtension()
