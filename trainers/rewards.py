@@ -22,8 +22,6 @@ from .errors import ConfigError, ModelError
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
 """(images (B, 3, H, W) in [0, 1], prompts) -> rewards (B,) as float32 on the CPU."""
 
-WEIGHTED_REWARDS = ("aesthetic", "clip_score", "blip_score")
-
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -59,8 +59,8 @@ def saved(result, comfy_server) -> dict[str, np.ndarray]:
 
 
 def run_record(comfy_server, name: str) -> dict:
-    [record] = [r for r in (json.loads(p.read_text()) for p in (comfy_server.output_dir / "finetune").glob("*/run.json"))
-                if r["name"] == name]
+    records = (json.loads(path.read_text()) for path in (comfy_server.output_dir / "finetune").glob("*/run.json"))
+    [record] = [r for r in records if r["name"] == name]
     return record
 
 

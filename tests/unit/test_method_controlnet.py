@@ -27,7 +27,7 @@ def images(tmp_path_factory):
 
 
 def controlnet_config(tmp_path, images, **sections):
-    sections.setdefault("train", {}).update(method="controlnet", learning_rate=1e-2, warmup_steps=0)
+    sections["train"] = {"method": "controlnet", "learning_rate": 1e-2, "warmup_steps": 0, **sections.get("train", {})}
     return tiny_config(tmp_path, images, **sections)
 
 

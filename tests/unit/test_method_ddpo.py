@@ -112,8 +112,9 @@ def test_model_rewards_load_from_local_folders(tmp_path):
     torch.save({f"layers.{i}.{k}": v for i, layer in zip((0, 2, 4, 6, 7), head) for k, v in layer.state_dict().items()},
                tmp_path / "aesthetic.pth")
     images = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    head_file = str(tmp_path / "aesthetic.pth")
     for options in ({"reward": "clip_score", "reward_model": str(clip)},
-                    {"reward": "aesthetic", "reward_model": str(clip), "aesthetic_head": str(tmp_path / "aesthetic.pth")},
+                    {"reward": "aesthetic", "reward_model": str(clip), "aesthetic_head": head_file},
                     {"reward": "blip_score", "reward_model": str(tiny_blip_dir())}):
         rewards = make_reward(DDPOConfig(**options), torch.device("cpu"))(images, ["a cat", "a dog"])
         assert rewards.shape == (2,) and torch.isfinite(rewards).all(), options["reward"]

@@ -22,7 +22,8 @@ from .checkpoint import unet_to_original
 _CONTROL_PREFIXES = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
 
-def controlnet_to_original(state: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def controlnet_to_original(state: Mapping[str, torch.Tensor],
+                           unet_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Original-layout keys for a diffusers ControlNetModel state dict; `unet_config` is the UNet it was made from
     (the shared encoder half is numbered as in that UNet)."""
     shared = {k: v for k, v in state.items() if not k.startswith(_CONTROL_PREFIXES)}
@@ -50,10 +51,12 @@ def controlnet_to_original(state: Mapping[str, torch.Tensor], unet_config: Mappi
 
 def save_controlnet(path: Path, state: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any],
                     metadata: dict[str, str], *, overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
-    """Write the ControlNet atomically, in `dtype` (fp16 halves the file; ControlNet weights are well inside its range)."""
+    """Write the ControlNet atomically, in `dtype` (fp16 halves the file; ControlNet weights are well inside its
+    range)."""
     path = Path(path)
     refuse_existing(path, overwrite)
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in controlnet_to_original(state, unet_config).items()}
+    original = controlnet_to_original(state, unet_config)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in original.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

@@ -10,11 +10,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import Config
-from ..errors import ConfigError, ModelError
-from ..io import atomic_path
+from ..io import atomic_path, refuse_existing
 from ..models.families import Family
 
 EMBEDDING_KEYS: dict[str, tuple[str, ...]] = {"sd1": ("emb_params",), "sd2": ("emb_params",),
@@ -46,21 +45,7 @@ def embedding_metadata(cfg: Config, *, family: Family, prediction_type: str, ste
 def save_embedding(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], *,
                    overwrite: bool = False) -> Path:
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ConfigError("a file of that name already exists and would be replaced",
-                          "set output.overwrite = true, or choose another output.name", where=str(path))
+    refuse_existing(path, overwrite)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return path
-
-
-def read_embedding(path: str | Path) -> dict[str, torch.Tensor]:
-    """The vectors of an embedding file we (or A1111's tools) wrote, by key."""
-    try:
-        state = load_file(str(path))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the embedding ({exc})", "pick a .safetensors embedding", where=str(path)) from None
-    if not any(key in state for keys in EMBEDDING_KEYS.values() for key in keys):
-        raise ModelError(f"not a textual-inversion embedding (keys: {', '.join(sorted(state)[:4])})",
-                         "pick a file with emb_params (SD1/SD2) or clip_l and clip_g (SDXL)", where=str(path))
-    return state

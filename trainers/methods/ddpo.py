@@ -107,7 +107,8 @@ class DDPOMethod(LoraMethod):
 
     def setup(self) -> None:
         if self.cfg.lora.train_text_encoder:
-            raise ConfigError("DDPO trains the UNet only", "turn lora.train_text_encoder off", where="lora.train_text_encoder")
+            raise ConfigError("DDPO trains the UNet only", "turn lora.train_text_encoder off",
+                              where="lora.train_text_encoder")
         super().setup()
         opts = self.cfg.ddpo
         self.prompts = ddpo_prompts(opts)

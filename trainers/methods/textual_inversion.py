@@ -31,11 +31,6 @@ class PlaceholderEmbedding(torch.nn.Module):
                              persistent=False)
         self.vectors = torch.nn.Parameter(init.detach().float().repeat(len(new_ids), 1).to(original.weight.device))
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The original matrix, for code that reads the embedding's dtype, device or width."""
-        return self.original.weight
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         match = ids.unsqueeze(-1) == self.new_ids
         is_new = match.any(-1)
