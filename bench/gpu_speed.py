@@ -2,6 +2,7 @@
 attention, batch 1 and 8, through our real training loop (`trainers.loop.train`).
 
     python bench/gpu_speed.py [--models sd15,sdxl] [--batches 1,8] [--gradient-checkpointing off|on|both]
+                                 [--compile off|on|both] [--profile]
     python bench/gpu_speed.py --device cpu --tiny     # the same code on tiny models: proves the script end to end
 
 Nothing is downloaded: each model is built in memory from the shipped diffusers configs (random weights) and
@@ -49,6 +50,7 @@ class Row:
     resolution: int
     batch: int
     checkpointing: bool
+    compiled: bool = False
     attention: str = "-"
     s_per_step: float | None = None
     forward_flops: float | None = None
@@ -109,7 +111,7 @@ def build_random_base(family: str, *, tiny: bool, dtype: torch.dtype, device: st
 
 
 @contextlib.contextmanager
-def loop_builds_model(family: str, *, tiny: bool, device: str):
+def loop_builds_model(family: str, *, tiny: bool, device: str, count_flops: bool = True):
     """Within the block, the loop's `load_base_model` builds the model in memory instead of reading a file; yields
     what it built: {"unet": ..., "flops": UnetFlops}."""
     import trainers.loop as loop
@@ -118,7 +120,9 @@ def loop_builds_model(family: str, *, tiny: bool, device: str):
 
     def load(model_cfg, *, dtype=torch.float32):
         base = build_random_base(family, tiny=tiny, dtype=dtype, device=device)
-        built["unet"], built["flops"] = base.unet, UnetFlops(base.unet)
+        built["unet"] = base.unet
+        if count_flops:  # the counter would run inside a compiled graph: compiled rows borrow the eager count
+            built["flops"] = UnetFlops(base.unet)
         return base
 
     loop.load_base_model = load
@@ -133,21 +137,23 @@ def attention_kind(unet: torch.nn.Module) -> str:
     return "SDPA" if names == {"AttnProcessor2_0"} else ",".join(sorted(names))
 
 
-def bench_config(name: str, resolution: int, batch: int, checkpointing: bool, images: Path, args, work: Path):
+def bench_config(name: str, resolution: int, batch: int, checkpointing: bool, compiled: bool, images: Path, args,
+                 work: Path):
     from trainers.config import Config
 
     return Config.from_dict({
         "model": {"base": f"random-{name}"},
         "data": {"folder": str(images), "resolution": resolution, "buckets": False},
         "train": {"steps": args.steps, "batch_size": batch, "learning_rate": 1e-4, "mixed_precision": "bf16",
-                  "gradient_checkpointing": checkpointing, "seed": 7},
+                  "gradient_checkpointing": checkpointing, "compile": compiled, "seed": 7},
         "lora": {"rank": args.rank, "alpha": float(args.rank)},
-        "output": {"dir": str(work / "runs"), "name": f"{name}-b{batch}-gc{int(checkpointing)}", "overwrite": True,
+        "output": {"dir": str(work / "runs"), "name": f"{name}-b{batch}-gc{int(checkpointing)}-c{int(compiled)}", "overwrite": True,
                    "tensorboard": False},
     })
 
 
-def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace, work: Path) -> Row:
+def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace, work: Path,
+            extra_callbacks: tuple = (), compiled: bool = False) -> Row:
     """One configuration through `trainers.loop.train`, timed by its progress events."""
     from accelerate import Accelerator
     from tests.unit.train_helpers import make_images
@@ -155,7 +161,7 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
 
     family, resolution = MODELS[name]
     resolution = TINY_RESOLUTION if args.tiny else resolution
-    row = Row(name, resolution, batch, checkpointing)
+    row = Row(name, resolution, batch, checkpointing, compiled)
     images = make_images(work / f"images-{resolution}", count=max(8, batch), size=resolution)
     warmup = max(args.warmup, -(-len(list(images.glob("*.png"))) // batch))  # past the epoch that fills the cache
     if warmup >= args.steps - 1:
@@ -171,9 +177,9 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     accelerator = Accelerator(mixed_precision="bf16", cpu=not cuda)
-    with loop_builds_model(family, tiny=args.tiny, device=args.device) as built:
+    with loop_builds_model(family, tiny=args.tiny, device=args.device, count_flops=not compiled) as built:
         try:
-            train(bench_config(name, resolution, batch, checkpointing, images, args, work), callbacks=[on_event],
+            train(bench_config(name, resolution, batch, checkpointing, compiled, images, args, work), callbacks=[on_event, *extra_callbacks],
                   accelerator=accelerator)
         except Exception as exc:  # one failed configuration must not hide the others' numbers
             row.error = "out of GPU memory" if _out_of_memory(exc) else f"failed: {type(exc).__name__}"
@@ -181,7 +187,7 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
                 traceback.print_exc()
         if "unet" in built:
             row.attention = attention_kind(built["unet"])
-            row.forward_flops = built["flops"].total
+            row.forward_flops = built["flops"].total if "flops" in built else None
         built.clear()
     if cuda:
         row.peak_gpu_bytes = torch.cuda.max_memory_allocated()
@@ -230,10 +236,10 @@ def results_table(rows: list[Row], peak: float | None, tiny: bool) -> str:
         samples = row.batch / row.s_per_step if row.s_per_step else None
         gpu_gb = None if row.peak_gpu_bytes is None else row.peak_gpu_bytes / 2**30
         cells.append([row.model + (" (tiny)" if tiny else ""), str(row.resolution), str(row.batch),
-                      "on" if row.checkpointing else "off", row.attention, row.error or fmt(row.s_per_step, 4),
+                      "on" if row.checkpointing else "off", "on" if row.compiled else "off", row.attention, row.error or fmt(row.s_per_step, 4),
                       fmt(samples, 2), fmt(row.projected_1000_s, 1), flop,
                       "-" if mfu is None else f"{mfu:.1%}", fmt(gpu_gb, 1), *goal_cells(row, mfu, tiny)])
-    return table(["model", "px", "batch", "grad ckpt", "attention", "s/step", "samples/s", "1000 steps s",
+    return table(["model", "px", "batch", "grad ckpt", "compile", "attention", "s/step", "samples/s", "1000 steps s",
                   "fwd TFLOP", "MFU", "peak GPU GB", "goal", "ratio to goal", "verdict"], cells)
 
 
@@ -250,23 +256,32 @@ def main(argv: list[str] | None = None) -> int:
         if threads:
             torch.set_num_threads(threads)
     peak = peak_tflops(args)
-    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    choices = {"off": [False], "on": [True], "both": [False, True]}
+    checkpointing, compiling = choices[args.gradient_checkpointing], choices[args.compile]
     print(f"gpu_speed: {'tiny models' if args.tiny else 'full-size random-weight models'}, bf16, LoRA rank "
           f"{args.rank}, {args.steps} steps each (warm-up left out); {machine()}"
           + (f", {torch.get_num_threads()} torch thread(s)" if args.device == "cpu" else "")
           + (f"; bf16 peak {peak:.0f} TFLOP/s" if peak else ""), flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gpu-speed-") as tmp:
+        if args.profile:
+            print(profile_first(args, Path(tmp)), flush=True)
         for name in args.models:
             for batch in args.batches:
                 for ckpt in checkpointing:
-                    row = measure(name, batch, ckpt, args, Path(tmp))
-                    if row.error == "out of GPU memory" and not ckpt and args.gradient_checkpointing == "off":
-                        print(f"  {name} batch {batch}: out of memory, again with gradient checkpointing", flush=True)
-                        row = measure(name, batch, True, args, Path(tmp))
-                    rows.append(row)
-                    print(f"  {name} batch {batch} grad ckpt {'on' if row.checkpointing else 'off'}: "
-                          f"{row.error or fmt(row.s_per_step, 4) + ' s/step'}", flush=True)
+                    for compiled in compiling:
+                        row = measure(name, batch, ckpt, args, Path(tmp), compiled=compiled)
+                        if row.error == "out of GPU memory" and not ckpt and args.gradient_checkpointing == "off":
+                            print(f"  {name} batch {batch}: out of memory, again with gradient checkpointing",
+                                  flush=True)
+                            row = measure(name, batch, True, args, Path(tmp), compiled=compiled)
+                        eager = next((r for r in rows if (r.model, r.batch) == (name, batch) and r.forward_flops), None)
+                        if row.forward_flops is None and eager is not None:
+                            row.forward_flops = eager.forward_flops
+                        rows.append(row)
+                        print(f"  {name} batch {batch} grad ckpt {'on' if row.checkpointing else 'off'} compile "
+                              f"{'on' if compiled else 'off'}: {row.error or fmt(row.s_per_step, 4) + ' s/step'}",
+                              flush=True)
     print()
     print(results_table(rows, peak, args.tiny))
     sd15 = next((r for r in rows if r.model == "sd15" and r.batch == 1 and r.forward_flops), None)
@@ -279,6 +294,52 @@ def main(argv: list[str] | None = None) -> int:
     save_results(RESULTS / ("gpu_speed_tiny.json" if args.tiny else "gpu_speed.json"),
                  {"settings": vars(args), "peak_tflops": peak, "rows": [vars(r) for r in rows]})
     return 1 if any(r.error.startswith("failed") for r in rows) else 0
+
+
+class StepProfiler:
+    """torch.profiler over a few steady steps (started and stopped by the loop's progress events): host and device
+    time per operator, so launch overhead, synchronisation and slow kernels can be told apart."""
+
+    def __init__(self, first_step: int, steps: int = 5):
+        self.first_step, self.last_step = first_step, first_step + steps
+        self.profiler = None
+
+    def __call__(self, event: dict) -> None:
+        if event["event"] != "progress":
+            return
+        if event["step"] == self.first_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities, record_shapes=False)
+            self.profiler.start()
+        elif event["step"] == self.last_step and self.profiler is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.stop()
+
+    def report(self, top: int = 25) -> str:
+        if self.profiler is None:
+            return "(no steps profiled)"
+        averages = self.profiler.key_averages()
+        steps = self.last_step - self.first_step
+        device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        host_us = sum(a.self_cpu_time_total for a in averages)
+        device_us = sum(getattr(a, device_key, 0) for a in averages) if torch.cuda.is_available() else 0
+        lines = [f"{steps} steps: host (CPU) op time {host_us / steps / 1e3:.1f} ms/step, "
+                 f"device kernel time {device_us / steps / 1e3:.1f} ms/step"]
+        for key in ("self_cpu_time_total", device_key):
+            lines.append(f"\nby {key}:")
+            lines.append(averages.table(sort_by=key, row_limit=top, max_name_column_width=60))
+        return "\n".join(lines)
+
+
+def profile_first(args: argparse.Namespace, work: Path) -> str:
+    """The first configuration once more, with a few steady steps under torch.profiler."""
+    name, batch = args.models[0], args.batches[0]
+    profiler = StepProfiler(first_step=max(args.warmup, 8) + 1)
+    row = measure(name, batch, False, args, work, extra_callbacks=(profiler,))
+    return f"profile of {name} batch {batch} ({row.error or fmt(row.s_per_step, 4) + ' s/step'}):\n{profiler.report()}\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -297,6 +358,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", default="auto",
                         help="torch threads with --device cpu: a number, or auto (1 on a busy machine)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, the trainer's default)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                        help="train.compile (torch.compile the UNet): off, on, or both side by side (default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="first run the first model and batch under cProfile and print where the time goes")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the device's dense bf16 peak, when its name is not in the built-in list")
     args = parser.parse_args(argv)

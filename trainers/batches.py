@@ -35,7 +35,7 @@ class BatchPreparer:
             fresh = encode_latents(self.base.vae, batch["pixels"][missing])
             for n, latent in zip(missing, fresh):
                 self._latents[keys[n]] = latent.to("cpu" if self._on_cpu_budget() else latent.device)
-        device = self.base.vae.device
+        device = next(self.base.vae.parameters()).device
         return torch.stack([self._latents[key].to(device) for key in keys])
 
     def prompt_embeds(self, captions: list[str], *, grad: bool = False) -> PromptEmbeds:

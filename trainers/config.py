@@ -162,6 +162,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile the UNet: a minute or more of compiling at the start, then faster steps on a GPU."""
     cache_latents: bool = True
     cache_text_embeddings: bool = True
     cache_dir: str = ""

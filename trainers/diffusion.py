@@ -11,7 +11,8 @@ from diffusers.training_utils import compute_snr
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents (the mean of the posterior: deterministic, so cacheable)."""
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    weight = next(vae.parameters())  # not vae.device/.dtype: those walk every submodule on each call
+    pixels = pixels.to(device=weight.device, dtype=weight.dtype)
     latents = vae.encode(pixels).latent_dist.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
 from .batches import BatchPreparer
@@ -79,7 +81,19 @@ def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Opt
             raise ConfigError("8-bit Adam needs the bitsandbytes package",
                               "pip install bitsandbytes, or use optimizer adamw", where="train.optimizer") from None
         return bnb.optim.AdamW8bit(groups, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=train.weight_decay)
+    params = [p for group in groups for p in group["params"]]
+    # One fused kernel per step instead of several per parameter: it matters with hundreds of small LoRA tensors.
+    fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(groups, weight_decay=train.weight_decay, fused=fused)
+
+
+def _make_accelerator(mixed_precision: str) -> Accelerator:
+    # accelerate keeps one process-wide state and refuses a second precision in the same process; a single-process
+    # caller (a notebook, a test) training twice with different precisions gets a fresh state instead.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("distributed_type") == DistributedType.NO and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
 
 
 def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, stop: StopSignal | None = None,
@@ -87,7 +101,7 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
     """Run one training to the end or to a stop request. User-fixable problems raise FinetuneError (also reported
     as an `error` event); the run folder keeps the config, events, checkpoints, samples and the result."""
     plan = make_plan(cfg)
-    accelerator = accelerator or Accelerator(mixed_precision=choose_mixed_precision(plan.cfg.train.mixed_precision))
+    accelerator = accelerator or _make_accelerator(choose_mixed_precision(plan.cfg.train.mixed_precision))
     if accelerator.is_main_process:
         _claim_run_dir(plan.run_dir, plan.cfg, resume)
         plan.cfg.save(plan.run_dir / "config.json")
@@ -122,8 +136,12 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     base.unet.to(accelerator.device)
     for te in base.text_encoders:
         te.to(accelerator.device)
+    if accelerator.device.type == "cuda":
+        base.unet.to(memory_format=torch.channels_last)  # cuDNN's convolutions run NHWC: no layout copies each step
     method: Method = method_class(cfg.train.method)(cfg, base)
     method.setup()
+    if cfg.train.compile:
+        base.unet.compile()  # in place: parameter names (checkpoints, export) stay as they are
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
@@ -304,7 +322,8 @@ def _replicas_in_sync(params: list[torch.Tensor], accelerator: Accelerator) -> b
 
 
 def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    # Pixels stay on the host: the VAE encoder moves the few it needs (none once the latents are cached).
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "pixels" else v) for k, v in batch.items()}
 
 
 def _claim_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:

@@ -109,3 +109,28 @@ def test_full_finetune_runs_and_writes_a_single_file_checkpoint(tmp_path, images
         keys = set(f.keys())
     assert any(k.startswith("model.diffusion_model.") for k in keys)
     assert any(k.startswith("first_stage_model.") for k in keys)
+
+
+def test_two_runs_in_one_process_may_use_different_precisions(tmp_path, images):
+    first = train(tiny_config(tmp_path / "a", images, steps=1, train={"mixed_precision": "no"}))
+    second = train(tiny_config(tmp_path / "b", images, steps=1, train={"mixed_precision": "bf16"}))
+    assert first.status == second.status == "succeeded"
+
+
+def test_compiled_unet_trains_the_same_and_exports_the_same_keys(tmp_path, images, monkeypatch):
+    # Dynamo traces the LoRA'd UNet as `train.compile` asks; the eager backend keeps this fast on a CPU (the GPU
+    # tests use the real compiler). Names in checkpoints and the export must not change.
+    compile_module, compiled_classes = torch.nn.Module.compile, []
+
+    def eager_compile(self, **options):
+        compiled_classes.append(type(self).__name__)
+        compile_module(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
+    plain = train(tiny_config(tmp_path / "a", images, steps=3))
+    compiled = train(tiny_config(tmp_path / "b", images, steps=3, train={"compile": True}))
+    losses = [[e["loss"] for e in read_events(r.run_dir) if e["event"] == "progress"] for r in (plain, compiled)]
+    assert compiled_classes == ["UNet2DConditionModel"]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    with safe_open(plain.outputs["model"], "pt") as a, safe_open(compiled.outputs["model"], "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())

@@ -56,6 +56,7 @@ class Method(ABC):
         self.cfg = cfg
         self.base = base
         self.prep: BatchPreparer | None = None
+        self._training: bool | None = None
         # What the loss calls: the raw modules, or their distributed wrappers after `wrap`.
         self.unet_forward = base.unet
 
@@ -102,8 +103,11 @@ class Method(ABC):
         return self.cfg.train.gradient_accumulation
 
     def train_mode(self, training: bool) -> None:
+        if self._training == training:
+            return  # switching walks every submodule: only do it when the mode changes (sampling, validation)
         for module in self.trained_modules().values():
             module.train(training)
+        self._training = training
 
     # ---- the loss ----------------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -126,7 +130,7 @@ class Method(ABC):
                 noise: torch.Tensor | None = None, *, snr_weighting: bool = True) -> torch.Tensor:
         """Per-sample denoising loss for clean `latents` under `embeds` (plain MSE when `snr_weighting` is off)."""
         scheduler, train = self.base.noise_scheduler, self.cfg.train
-        unet_dtype = self.base.unet.dtype
+        unet_dtype = next(self.base.unet.parameters()).dtype  # not unet.dtype: it walks every submodule per call
         if noise is None:
             noise = sample_noise(latents, generator, train.noise_offset)
         if timesteps is None:
