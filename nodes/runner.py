@@ -136,6 +136,7 @@ class TrainerProcess:
         self.preview = None
         self.outcome: dict[str, Any] | None = None
         self.last_saved = 0.0
+        self.seconds_per_step = 0.0
 
     def run(self) -> RunRecord:
         import comfy.model_management as mm
@@ -205,13 +206,14 @@ class TrainerProcess:
                     self._cancel()
 
     def _stop_process(self, *, graceful: bool) -> None:
-        """Ask the trainer to checkpoint and exit (STOP file), then kill it if it has not within STOP_WAIT_S."""
+        """Ask the trainer to checkpoint and exit (STOP file), then kill it if it has not within STOP_WAIT_S plus
+        two steps' time (the trainer stops after the step under way)."""
         process = self.process
         if process is None or process.poll() is not None:
             return
         if graceful:
             atomic_write_text(self.run_dir / STOP_FILE, "stop requested from ComfyUI\n")
-            deadline = time.monotonic() + STOP_WAIT_S
+            deadline = time.monotonic() + STOP_WAIT_S + 2 * self.seconds_per_step
             while process.poll() is None and time.monotonic() < deadline:
                 self._drain(timeout=POLL_S)
         if process.poll() is None:
@@ -236,6 +238,8 @@ class TrainerProcess:
         kind = event.get("event")
         if kind == "progress":
             self.record.step, self.record.loss = int(event["step"]), event.get("loss")
+            if event.get("it_s"):
+                self.seconds_per_step = 1.0 / float(event["it_s"])
             self.record.steps = int(event.get("total") or self.record.steps)
             self._save_record()
             if show_progress:

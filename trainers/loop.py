@@ -30,7 +30,7 @@ from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput
 from .methods import Method, RunSummary, method_class
 from .models.loading import load_base_model
 from .plan import Plan, make_plan
-from .sampling import generate_images, save_samples
+from .sampling import SamplingInterrupted, generate_images, save_samples
 
 
 @dataclass
@@ -178,7 +178,9 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         sampler = BucketBatchSampler(plan.dataset, cfg.train.batch_size, seed=cfg.train.seed,
                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index)
         stream = DataStream(plan.dataset, sampler, state.micro_step)
-    prior_stream = _prior_stream(cfg, base, accelerator, events, state.micro_step)
+    prior_stream = _prior_stream(cfg, base, accelerator, events, state.micro_step, stop)
+    if accelerator.num_processes == 1:  # with several processes a stop is only agreed on between steps
+        method.should_stop = stop.requested
 
     # ---- the loop --------------------------------------------------------------------------------------
     summary = RunSummary(steps_done=state.step, num_images=plan.scan.num_images,
@@ -208,25 +210,18 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
             events.emit("done", status="stopped", step=state.step, checkpoint=str(last_checkpoint))
             return TrainResult("stopped", run_dir, state.step, final_loss=loss_avg)
         method.train_mode(True)
-        step_loss = 0.0
-        for micro in range(accum):
-            batch = _to_device(stream.next(), accelerator.device)
+        step_start = (stream.micro_step, prior_stream.micro_step if prior_stream is not None else 0)
+        try:
+            step_loss, logs = _accumulate(method, stream, prior_stream, wrapped, accum, accelerator, generator,
+                                          state.step, last_checkpoint)
+        except SamplingInterrupted:
+            # The stop came while the step was still sampling (DDPO): drop the partial step, stop after the last
+            # whole one (the top of the loop checkpoints it).
+            stream.micro_step = step_start[0]
             if prior_stream is not None:
-                batch["prior"] = _to_device(prior_stream.next(), accelerator.device)
-            with ExitStack() as stack:
-                if micro < accum - 1:
-                    for module in wrapped.values():
-                        stack.enter_context(accelerator.no_sync(module))
-                stack.enter_context(accelerator.autocast())
-                loss, logs = method.compute_loss(batch, generator)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"the loss became {float(loss.detach())} at step {state.step + 1}; nothing after step "
-                        f"{state.step} was saved (last good checkpoint: {last_checkpoint or 'none'})",
-                        "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)",
-                        where="train")
-                accelerator.backward(loss / accum)
-            step_loss += float(loss.detach()) / accum
+                prior_stream.micro_step = step_start[1]
+            optimizer.zero_grad(set_to_none=True)
+            continue
         if cfg.train.max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         optimizer.step()
@@ -259,6 +254,31 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     return TrainResult("succeeded", run_dir, state.step, outputs, final_loss=loss_avg)
 
 
+def _accumulate(method: Method, stream, prior_stream, wrapped: dict, accum: int, accelerator: Accelerator,
+                generator: torch.Generator, step: int, last_checkpoint: Path | None) -> tuple[float, dict[str, float]]:
+    """Forward and backward over the step's micro-batches; gradients are synchronised on the last one only."""
+    step_loss, logs = 0.0, {}
+    for micro in range(accum):
+        batch = _to_device(stream.next(), accelerator.device)
+        if prior_stream is not None:
+            batch["prior"] = _to_device(prior_stream.next(), accelerator.device)
+        with ExitStack() as stack:
+            if micro < accum - 1:
+                for module in wrapped.values():
+                    stack.enter_context(accelerator.no_sync(module))
+            stack.enter_context(accelerator.autocast())
+            loss, logs = method.compute_loss(batch, generator)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"the loss became {float(loss.detach())} at step {step + 1}; nothing after step "
+                    f"{step} was saved (last good checkpoint: {last_checkpoint or 'none'})",
+                    "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)",
+                    where="train")
+            accelerator.backward(loss / accum)
+        step_loss += float(loss.detach()) / accum
+    return step_loss, logs
+
+
 def export_path(cfg: Config, run_dir: Path, method: Method) -> Path:
     return Path(cfg.output.export_path) if cfg.output.export_path else run_dir / f"{cfg.output.name}{method.export_suffix}"
 
@@ -277,26 +297,38 @@ def _periodic(cfg, step, total, method, base, plan: Plan, run_dir, events, check
         events.emit("saved", step=step, path=str(path), kind=f"{method.name}-intermediate")
     if out.sample_prompts and ((out.sample_every and step % out.sample_every == 0) or last):
         method.train_mode(False)
-        with method.sampling_context():
-            images = generate_images(base, list(out.sample_prompts), steps=out.sample_steps,
-                                     guidance=out.sample_guidance, seed=out.sample_seed,
-                                     width=cfg.data.resolution, height=cfg.data.resolution)
-        events.emit("sample", step=step, paths=[str(p) for p in save_samples(images, run_dir / "samples", step)])
+        try:
+            with method.sampling_context():
+                images = generate_images(base, list(out.sample_prompts), steps=out.sample_steps,
+                                         guidance=out.sample_guidance, seed=out.sample_seed, width=cfg.data.resolution,
+                                         height=cfg.data.resolution, should_stop=method.should_stop)
+        except SamplingInterrupted:
+            images = []  # a stop is waiting: the samples are skipped, the loop checkpoints next
+        if images:
+            events.emit("sample", step=step, paths=[str(p) for p in save_samples(images, run_dir / "samples", step)])
     if plan.validation is not None and ((out.validation_every and step % out.validation_every == 0) or last):
         method.train_mode(False)
         events.emit("validation", step=step, loss=heldout_loss(method, plan.validation))
 
 
-def _prior_stream(cfg, base, accelerator, events, micro_step: int) -> DataStream | None:
+def _prior_stream(cfg, base, accelerator, events, micro_step: int, stop: StopSignal) -> DataStream | None:
+    """Class images for prior preservation; None without it, or when a stop came while they were generated (the
+    stop is then honoured at the top of the loop, and the images made so far are kept for the resumed run)."""
     if not (cfg.dreambooth.enabled and cfg.dreambooth.prior_preservation):
         return None
     from .dreambooth import class_dataset, ensure_class_images
 
     cache_root = Path(cfg.output.dir) / ".class_images"
+    interrupted = False
     if accelerator.is_main_process:
-        paths = ensure_class_images(cfg, base, cache_root, on_progress=lambda done, total: events.emit(
-            "status", message=f"generating class images {done}/{total}", step=0))
+        try:
+            ensure_class_images(cfg, base, cache_root, should_stop=stop.requested, on_progress=lambda done, total:
+                                events.emit("status", message=f"generating class images {done}/{total}", step=0))
+        except SamplingInterrupted:
+            interrupted = True
     accelerator.wait_for_everyone()
+    if interrupted:
+        return None
     paths = ensure_class_images(cfg, base, cache_root)  # all present now: a cheap scan on every process
     dataset = class_dataset(cfg, paths)
     sampler = BucketBatchSampler(dataset, cfg.train.batch_size, seed=cfg.train.seed + 1,

@@ -57,6 +57,8 @@ class Method(ABC):
         self.base = base
         self.prep: BatchPreparer | None = None
         self._training: bool | None = None
+        # Asked during long sampling (samples, DDPO trajectories): True ends it early. The loop sets it.
+        self.should_stop: Callable[[], bool] = lambda: False
         # What the loss calls: the raw modules, or their distributed wrappers after `wrap`.
         self.unet_forward = base.unet
 

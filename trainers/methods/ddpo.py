@@ -21,6 +21,7 @@ from ..config import ddpo_prompts
 from ..ddim_logprob import ddim_scheduler_for, ddim_step_with_logprob
 from ..errors import ConfigError
 from ..rewards import make_reward
+from ..sampling import SamplingInterrupted
 from .lora import LoraMethod
 
 
@@ -169,6 +170,9 @@ class DDPOMethod(LoraMethod):
             latents = torch.randn((len(chunk), *self.latent_shape()), generator=rng).to(device)
             chain, chunk_log_probs = [latents], []
             for t in self.sampler.timesteps:
+                if self.should_stop():
+                    self.train_mode(True)
+                    raise SamplingInterrupted()
                 pred = self.guided_prediction(latents, t, chunk)
                 latents, log_prob = ddim_step_with_logprob(self.sampler, pred, t, latents, eta=opts.eta, generator=rng)
                 chain.append(latents)
