@@ -147,7 +147,7 @@ def apply_control_net(positive, negative, control_net: str, control, strength: f
         items = []
         for embedding, extras in conditioning:
             net = extras["control"]
-            checked.setdefault(id(net), BatchCheckedControl(net, control.shape[0]))
+            checked.setdefault(id(net), BatchCheckedControl(net, control.shape[0], tuple(control.shape[1:3])))
             items.append([embedding, {**extras, "control": checked[id(net)]}])
         out.append(items)
     return out[0], out[1]
@@ -182,12 +182,15 @@ def load_control_net(name: str):
 
 class BatchCheckedControl:
     """A control object of ComfyUI's (a ControlNet with its hint set) that, when sampling starts, checks that the
-    control images are one for all latents or one per latent; ComfyUI would otherwise repeat or drop some silently.
-    Everything else is the wrapped object's."""
+    control images are one for all latents or one per latent, and of the sampled image's shape; ComfyUI would
+    otherwise repeat or drop some silently, or crop the map's edges away. Everything else is the wrapped object's."""
 
-    def __init__(self, control, images: int):
+    ASPECT_TOLERANCE = 0.02
+
+    def __init__(self, control, images: int, size: tuple[int, int]):
         self.control = control
         self.images = images
+        self.height, self.width = size
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         latents = x_noisy.shape[0] // max(1, batched_number)
@@ -195,6 +198,13 @@ class BatchCheckedControl:
             raise NodeError(f"ControlNet Condition: `image` holds {self.images} control images but the latent batch "
                             f"has {latents} — connect 1 control image (used for every latent) or {latents}, or "
                             f"make the latent batch {self.images}")
+        ratio = getattr(self.control, "compression_ratio", 8) or 8
+        height, width = x_noisy.shape[-2] * ratio, x_noisy.shape[-1] * ratio
+        if abs((self.width / self.height) / (width / height) - 1) > self.ASPECT_TOLERANCE:
+            raise NodeError(f"ControlNet Condition: the control image is {self.width}x{self.height} but the image "
+                            f"being sampled is {width}x{height}, another shape — the map would be cropped to fit; "
+                            f"crop or resize the control image to {width}x{height} (e.g. with Upscale Image, crop "
+                            f"center) or make the latent {self.width}x{self.height}")
         return self.control.get_control(x_noisy, t, cond, batched_number, transformer_options)
 
     def __getattr__(self, name: str):

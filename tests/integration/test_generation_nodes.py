@@ -299,6 +299,21 @@ def test_a_control_batch_that_does_not_match_the_latents_is_a_clear_error(comfy,
     assert pixels(comfy, comfy_server, txt2img(tiny_checkpoint, "after_mismatch")).shape == (1, SIDE, SIDE, 3)
 
 
+def test_a_control_image_of_another_shape_is_refused_and_a_larger_one_of_the_same_shape_is_scaled(
+        comfy, comfy_server, tiny_checkpoint, control_net):
+    for name, size in (("control_wide.png", (SIDE * 3 // 2, SIDE)), ("control_large.png", (SIDE * 2, SIDE * 2))):
+        image = Image.new("RGB", size, "black")
+        image.paste((255, 255, 255), (size[0] // 4, size[1] // 4, size[0] * 3 // 4, size[1] * 3 // 4))
+        image.save(comfy_server.input_dir / name)
+
+    message = run_error(comfy, with_controlnet(txt2img(tiny_checkpoint, "cn_wide"), control_net, "control_wide.png"))
+
+    assert f"the control image is {SIDE * 3 // 2}x{SIDE}" in message and f"resize the control image to {SIDE}x{SIDE}" \
+        in message and "Traceback" not in message
+    graph = with_controlnet(txt2img(tiny_checkpoint, "cn_large"), control_net, "control_large.png")
+    assert pixels(comfy, comfy_server, graph).shape == (1, SIDE, SIDE, 3)
+
+
 def test_depth_without_a_depth_model_says_what_to_download(comfy, tiny_checkpoint, control_net, control_images):
     graph = with_controlnet(txt2img(tiny_checkpoint, "cn_depth"), control_net, control_images["square"],
                             preprocessor="depth")
