@@ -113,7 +113,8 @@ class ControlNetConfig:
     conditioning_scale: float = 1.0
 
 
-DDPOReward = Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "blip_score"]
+DDPOReward = Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "blip_score",
+                     "reference_similarity"]
 
 
 @dataclass
@@ -127,6 +128,8 @@ class DDPOConfig:
     """aesthetic / clip_score: a CLIP model folder (transformers layout) or hub id; blip_score: a BLIP ITM model."""
     aesthetic_head: str = ""
     """The LAION aesthetic predictor file (.pth or .safetensors) for reward = aesthetic."""
+    reference_folder: str = ""
+    """reference_similarity: the images the samples should come to look like (the nodes fill it from a graph)."""
     sample_steps: int = 50
     eta: float = 1.0
     guidance: float = 5.0
@@ -390,6 +393,10 @@ def _validate_ddpo(cfg: Config) -> None:
         _check(bool(p.reward_model.strip()), "ddpo.reward_model", f"reward {p.reward!r} needs a model",
                "set it to a local CLIP model folder (aesthetic, clip_score) or BLIP ITM folder (blip_score), or use "
                "reward jpeg_compressibility, which needs no weights")
+    if p.reward == "reference_similarity":
+        _check(Path(p.reference_folder).expanduser().is_dir(), "ddpo.reference_folder",
+               f"the reference image folder was not found: {p.reference_folder or '(empty)'}",
+               "set it to a folder of the images the samples should come to look like")
     if p.reward == "aesthetic":
         _check(Path(p.aesthetic_head).expanduser().is_file(), "ddpo.aesthetic_head",
                f"the aesthetic predictor file was not found: {p.aesthetic_head or '(empty)'}",

@@ -4,6 +4,8 @@ jpeg_compressibility / jpeg_incompressibility need no weights (Black et al. 2023
 aesthetic (the LAION aesthetic predictor: an MLP on CLIP image embeddings), clip_score (prompt-image cosine similarity)
 and blip_score (BLIP's image-text matching probability) use weights the user has: a local transformers folder (or a hub
 id when online) in `ddpo.reward_model`, and for aesthetic the predictor's file in `ddpo.aesthetic_head`.
+reference_similarity rewards looking like the images in `ddpo.reference_folder` (in a graph: any IMAGE wired into the
+DDPO Reward node): by colour and layout without weights, or by CLIP image embedding with a CLIP `ddpo.reward_model`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from PIL import Image
 
 from .config import DDPOConfig
-from .errors import ConfigError, ModelError
+from .data.images import IMAGE_EXTENSIONS, load_image, pil_to_uint8_tensor
+from .errors import ConfigError, DataError, ModelError
 
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
 """(images (B, 3, H, W) in [0, 1], prompts) -> rewards (B,) as float32 on the CPU."""
@@ -104,6 +107,75 @@ class BlipScoreReward:
         return logits.float().softmax(dim=-1)[:, 1].cpu()
 
 
+class ReferenceSimilarity:
+    """How much each image looks like the reference images, 0..1 (mean over the references). Without a model:
+    half colour (intersection of 4x4x4-bin colour histograms), half layout (1 - mean absolute difference of 8x8
+    thumbnails). With a CLIP folder: cosine similarity of CLIP image embeddings to the references' mean embedding."""
+
+    THUMBNAIL = 8
+    BINS = 4
+
+    def __init__(self, folder: str, device: torch.device, clip_model: str = ""):
+        self.device = device
+        references = load_reference_images(Path(folder).expanduser())
+        self.clip = self.processor = None
+        if clip_model:
+            from transformers import CLIPImageProcessor, CLIPModel
+
+            self.clip = _load(CLIPModel, clip_model, "ddpo.reward_model").to(device).eval()
+            self.processor = _load(CLIPImageProcessor, clip_model, "ddpo.reward_model")
+            target = self._clip_embeds(references).mean(0)
+            self.target = target / target.norm()
+        else:
+            self.hists = torch.stack([self._histogram(r[None])[0] for r in references])
+            self.thumbs = torch.stack([self._thumbnail(r[None])[0] for r in references])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        images = images.detach().float().clamp(0, 1).cpu()
+        if self.clip is not None:
+            return (self._clip_embeds(list(images)) @ self.target).float().cpu()
+        colour = torch.minimum(self._histogram(images)[:, None], self.hists[None]).sum(-1)  # (B, R)
+        layout = 1 - (self._thumbnail(images)[:, None] - self.thumbs[None]).abs().flatten(2).mean(-1)
+        return (0.5 * colour + 0.5 * layout).mean(1)
+
+    def _histogram(self, images: torch.Tensor) -> torch.Tensor:
+        bins = (images * self.BINS).long().clamp(max=self.BINS - 1)
+        index = (bins[:, 0] * self.BINS + bins[:, 1]) * self.BINS + bins[:, 2]
+        counts = torch.stack([torch.bincount(i.flatten(), minlength=self.BINS ** 3) for i in index]).float()
+        return counts / counts.sum(-1, keepdim=True)
+
+    def _thumbnail(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images, self.THUMBNAIL)
+
+    @torch.no_grad()
+    def _clip_embeds(self, images: list[torch.Tensor]) -> torch.Tensor:
+        inputs = self.processor(images=to_pil(torch.stack([_square(i) for i in images])), return_tensors="pt")
+        embeds = self.clip.get_image_features(**inputs.to(self.device)).pooler_output.float()
+        return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
+def _square(image: torch.Tensor, side: int = 224) -> torch.Tensor:
+    return torch.nn.functional.interpolate(image[None], size=(side, side), mode="bilinear", antialias=True)[0]
+
+
+def load_reference_images(folder: Path) -> list[torch.Tensor]:
+    """The folder's images as (3, H, W) tensors in [0, 1], at most 256 px on the long side."""
+    where = f"ddpo.reference_folder = {folder}"
+    if not folder.is_dir():
+        raise DataError("the reference image folder does not exist",
+                        "give a folder of the images the samples should come to look like", where=where)
+    images = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        image = load_image(path)  # a DataError naming the file when it cannot be read
+        image.thumbnail((256, 256))
+        images.append(pil_to_uint8_tensor(image).float() / 255)
+    if not images:
+        raise DataError("the reference image folder holds no images", "add the images the samples should come to "
+                        f"look like ({', '.join(sorted(IMAGE_EXTENSIONS))})", where=where)
+    return images
+
+
 def make_reward(cfg: DDPOConfig, device: torch.device) -> Reward:
     """The reward `ddpo.reward` names, with its weights loaded (a clear ModelError when they cannot be)."""
     if cfg.reward == "jpeg_compressibility":
@@ -116,6 +188,8 @@ def make_reward(cfg: DDPOConfig, device: torch.device) -> Reward:
         return ClipScoreReward(cfg.reward_model, device)
     if cfg.reward == "blip_score":
         return BlipScoreReward(cfg.reward_model, device)
+    if cfg.reward == "reference_similarity":
+        return ReferenceSimilarity(cfg.reference_folder, device, cfg.reward_model.strip())
     raise ConfigError(f"unknown reward {cfg.reward!r}", "see ddpo.reward", where="ddpo.reward")
 
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from trainers.config import Config, DDPOConfig
 from trainers.ddim_logprob import ddim_scheduler_for, ddim_step_with_logprob
-from trainers.errors import ConfigError, ModelError
+from trainers.errors import ConfigError, DataError, ModelError
 from trainers.events import StopSignal
 from trainers.loop import train
 from trainers.methods.ddpo import PromptStats
@@ -98,6 +98,7 @@ def test_jpeg_rewards_rank_flat_and_noisy_images():
 
 def test_model_rewards_load_from_local_folders(tmp_path):
     from tiny_models import tiny_blip_dir
+    from PIL import Image
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from trainers.models.families import SD1
@@ -113,7 +114,11 @@ def test_model_rewards_load_from_local_folders(tmp_path):
                tmp_path / "aesthetic.pth")
     images = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
     head_file = str(tmp_path / "aesthetic.pth")
-    for options in ({"reward": "clip_score", "reward_model": str(clip)},
+    (tmp_path / "refs").mkdir()
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(tmp_path / "refs" / "red.png")
+    references = {"reference_folder": str(tmp_path / "refs")}
+    for options in ({"reward": "reference_similarity", "reward_model": str(clip), **references},
+                    {"reward": "clip_score", "reward_model": str(clip)},
                     {"reward": "aesthetic", "reward_model": str(clip), "aesthetic_head": head_file},
                     {"reward": "blip_score", "reward_model": str(tiny_blip_dir())}):
         rewards = make_reward(DDPOConfig(**options), torch.device("cpu"))(images, ["a cat", "a dog"])
@@ -174,3 +179,33 @@ def test_a_stopped_run_resumes_exactly_mid_epoch(tmp_path):
     assert len(resumed) == 4
     for step, (want, got) in enumerate(zip(reference, resumed), start=1):
         assert want == pytest.approx(got, abs=1e-5), f"step {step}"
+
+
+def test_reference_similarity_prefers_images_like_the_references(tmp_path):
+    from PIL import Image, ImageDraw
+
+    references = tmp_path / "refs"
+    references.mkdir()
+    for n in range(2):  # blue sky over green ground, the horizon a little higher or lower
+        image = Image.new("RGB", (96, 64), (40, 90, 220))
+        ImageDraw.Draw(image).rectangle((0, 36 + 4 * n, 96, 64), fill=(30, 160, 40))
+        image.save(references / f"ref_{n}.png")
+    (references / "notes.txt").write_text("not an image")
+    like = torch.zeros((1, 3, 64, 64))
+    like[0, :, :38] = torch.tensor([40, 90, 220]).view(3, 1, 1) / 255
+    like[0, :, 38:] = torch.tensor([30, 160, 40]).view(3, 1, 1) / 255
+    unlike = torch.rand((1, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    upside_down = like.flip(-2)
+    images = torch.cat([like, upside_down, unlike])
+
+    rewards = make_reward(DDPOConfig(reward="reference_similarity", reference_folder=str(references)),
+                          torch.device("cpu"))(images, ["", "", ""])
+
+    assert rewards[0] > 0.9 and rewards[0] > rewards[1] > rewards[2], rewards
+
+
+def test_reference_similarity_without_images_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"holds no images"):
+        make_reward(DDPOConfig(reward="reference_similarity", reference_folder=str(tmp_path / "empty")),
+                    torch.device("cpu"))
