@@ -27,7 +27,9 @@ class ModelConfig:
     base: str = ""
     """Single-file checkpoint (.safetensors/.ckpt), diffusers folder, or hub id."""
     family: Literal["auto", "sd1", "sd2", "sdxl"] = "auto"
+    """auto = detected from the checkpoint's keys and shapes; set it only for a checkpoint detection gets wrong."""
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """auto = from the checkpoint (SD2.x 768 models predict v); epsilon or v_prediction to override."""
     vae: str = ""
     """Optional separate VAE (single file or diffusers folder)."""
 
@@ -39,61 +41,92 @@ class DataConfig:
     manifest: str = ""
     """JSON-lines file, one {"image": path, "caption": text, "repeats": n} per line (what the nodes write)."""
     repeats: int = 1
+    """How often each image is seen per epoch (a manifest line can set its own)."""
     caption_extension: str = ".txt"
+    """Sidecar caption files: `photo.jpg` + `photo.txt`."""
     default_caption: str = ""
     """Caption for images without a sidecar; `{trigger}` and `{class}` are replaced."""
     trigger_word: str = ""
+    """Rare token put first in every caption (e.g. `sks`); the word you prompt with later."""
     class_noun: str = ""
+    """What the subject is (`dog`, `person`): follows the trigger word, and names the DreamBooth class."""
     caption_dropout: float = 0.0
+    """Share of steps trained on an empty caption (helps classifier-free guidance), 0-1."""
     shuffle_tags: bool = False
+    """Shuffle comma-separated tags per step (booru-style captions), keeping the first `keep_tokens`."""
     keep_tokens: int = 1
     """Leading comma-separated tags kept in place when shuffling (the trigger word is always first)."""
     resolution: int = 512
+    """Training side in pixels (512 for SD1.5, 768 for SD2.x 768, 1024 for SDXL); a multiple of 8."""
     crop: Literal["center", "random"] = "center"
+    """Where images are cropped to their bucket: center, or random (a new crop every epoch)."""
     flip: bool = False
+    """Randomly mirror images left-right (not for subjects with text or asymmetric features)."""
     buckets: bool = True
+    """Aspect-ratio bucketing: images train at their own shape (same pixel count) instead of square crops."""
     bucket_step: int = 64
+    """Bucket sides are multiples of this."""
     min_bucket_side: int = 256
+    """Smallest bucket side in pixels."""
     max_bucket_side: int = 0
     """0 = twice the resolution."""
     validation_folder: str = ""
+    """Held-out images for the validation loss (not trained on)."""
     validation_fraction: float = 0.0
+    """Or hold out this share of the training images instead, 0-0.5."""
 
 
 @dataclass
 class LoraConfig:
     rank: int = 16
+    """LoRA rank (dimension): 4-16 for a subject, 32-128 for a style."""
     alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
     targets: Literal["attention", "attention_ff", "all_linear", "all"] = "attention"
     """attention: q/k/v/out; attention_ff: + feed-forward; all_linear: + proj_in/out and time embeddings;
     all: + conv layers (LoCon) with conv_rank/conv_alpha."""
     conv_rank: int = 8
+    """Rank of the conv layers' LoRA when targets = all."""
     conv_alpha: float = 8.0
+    """Alpha of the conv layers' LoRA."""
     dropout: float = 0.0
+    """Dropout on the LoRA path, 0-1."""
     train_text_encoder: bool = False
+    """Also put LoRA on the text encoder(s) (CLIP-L; both for SDXL)."""
     text_encoder_rank: int = 0
     """0 = same as rank."""
     format: Literal["kohya", "peft"] = "kohya"
+    """kohya (loads in ComfyUI, A1111, Forge) or peft (diffusers' `load_lora_weights`)."""
 
 
 @dataclass
 class DreamBoothConfig:
     enabled: bool = False
+    """Train on `instance_prompt` captions (trigger word + class noun) with prior preservation."""
     instance_prompt: str = "a photo of {trigger} {class}"
+    """Caption of the instance images; `{trigger}` and `{class}` are replaced."""
     class_prompt: str = "a photo of {class}"
+    """Caption of the class images."""
     prior_preservation: bool = True
+    """Also train on class images so the class itself (any dog, not only yours) is not forgotten."""
     class_folder: str = ""
     """User-given class images; topped up by generating with the base model when fewer than num_class_images."""
     num_class_images: int = 50
+    """Class images used; missing ones are generated with the base model once and cached."""
     prior_loss_weight: float = 1.0
+    """Weight of the class images' loss."""
     class_generation_steps: int = 25
+    """Sampling steps per generated class image."""
 
 
 @dataclass
 class FullConfig:
     train_text_encoder: bool = False
+    """Also fine-tune the text encoder(s)."""
     ema: bool = True
+    """Keep an exponential moving average of the weights and export it (smoother results)."""
     ema_decay: float = 0.999
+    """EMA decay per step."""
 
 
 @dataclass
@@ -111,6 +144,7 @@ class ControlNetConfig:
     control_folder: str = ""
     """Folder of ready-made control maps, one per training image with the same file stem (e.g. img_01.png)."""
     conditioning_scale: float = 1.0
+    """Strength of the ControlNet's residuals while training."""
 
 
 DDPOReward = Literal["jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score", "blip_score",
@@ -120,10 +154,14 @@ DDPOReward = Literal["jpeg_compressibility", "jpeg_incompressibility", "aestheti
 @dataclass
 class DDPOConfig:
     prompts: list[str] = field(default_factory=list)
+    """Prompts to sample from (one picked at random per image)."""
     prompt_file: str = ""
     """Text file, one prompt per line (added to `prompts`)."""
     negative_prompt: str = ""
+    """Negative prompt while sampling."""
     reward: DDPOReward = "jpeg_compressibility"
+    """What is rewarded: jpeg_compressibility / jpeg_incompressibility (no weights), aesthetic, clip_score,
+    blip_score (need `reward_model`), reference_similarity (needs `reference_folder`)."""
     reward_model: str = ""
     """aesthetic / clip_score: a CLIP model folder (transformers layout) or hub id; blip_score: a BLIP ITM model."""
     aesthetic_head: str = ""
@@ -131,71 +169,106 @@ class DDPOConfig:
     reference_folder: str = ""
     """reference_similarity: the images the samples should come to look like (the nodes fill it from a graph)."""
     sample_steps: int = 50
+    """DDIM steps per sampled image."""
     eta: float = 1.0
+    """DDIM eta; must be > 0 (the policy needs a stochastic sampler)."""
     guidance: float = 5.0
+    """Classifier-free guidance while sampling (1 = none)."""
     samples_per_epoch: int = 64
     """Images sampled (and scored) per epoch; each is then trained on `inner_epochs` times."""
     sample_batch_size: int = 8
+    """Images sampled at once."""
     inner_epochs: int = 1
+    """Passes of training over each epoch's samples."""
     timestep_fraction: float = 1.0
     """Share of each trajectory's steps trained on (a random subset per sample)."""
     clip_range: float = 1e-4
+    """PPO clip range of the probability ratio."""
     advantage_clip: float = 5.0
+    """Advantages are clipped to +-this."""
     per_prompt_stats: bool = True
     """Normalise rewards per prompt (over its recent rewards) rather than over the whole batch."""
     stats_buffer: int = 32
+    """Rewards remembered per prompt for normalisation."""
     stats_min_count: int = 16
+    """Rewards a prompt needs before its own statistics are used (the batch's until then)."""
 
 
 @dataclass
 class TrainConfig:
     method: Method = "lora"
+    """lora, full (fine-tune the whole UNet), textual_inversion, controlnet or ddpo; DreamBooth is `[dreambooth]
+    enabled`."""
     steps: int = 0
     """0 = from the dataset: 100 per image, clamped to 400-1200."""
     batch_size: int = 1
+    """Images per step (per GPU)."""
     gradient_accumulation: int = 1
+    """Steps whose gradients are summed before one optimizer step (a larger effective batch)."""
     learning_rate: float = 0.0
     """0 = the method's default."""
     text_encoder_lr: float = 0.0
+    """0 = the UNet's learning rate (when the text encoder is trained)."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial"] = "constant_with_warmup"
+    """How the learning rate changes over the steps."""
     warmup_steps: int = -1
     """-1 = 5% of the steps."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """adamw, or adamw8bit (bitsandbytes, CUDA only: less memory)."""
     weight_decay: float = 1e-2
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Gradient clipping; 0 = off."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on the CPU. Trained LoRA weights stay fp32."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less memory, ~30% slower."""
     compile: bool = False
     """torch.compile the UNet: a minute or more of compiling at the start, then faster steps on a GPU."""
     cache_latents: bool = True
+    """Encode each image with the VAE once instead of every step (off automatically with random crops)."""
     cache_text_embeddings: bool = True
+    """Encode each caption once while the text encoder is frozen."""
     cache_dir: str = ""
     """Empty = in memory."""
     min_snr_gamma: float = 5.0
     """0 disables min-SNR weighting."""
     noise_offset: float = 0.0
+    """Offset noise (e.g. 0.05) so the model learns very dark and very bright images."""
     seed: int = 42
+    """Seeds everything: adapter initialisation, data order, noise. Same seed, same run."""
 
 
 @dataclass
 class OutputConfig:
     dir: str = "output"
+    """Parent folder of run folders."""
     name: str = "finetune"
+    """Run name: the run folder and the result's file name."""
     overwrite: bool = False
+    """Replace an existing run and result of the same name (never done without this)."""
     export_path: str = ""
     """Where the result goes; empty = `<dir>/<name>/<name>.safetensors`."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0 = only at the end and on stop)."""
     keep_checkpoints: int = 2
+    """Newest resumable checkpoints kept; older ones are deleted."""
     save_every: int = 0
     """Also export the result every N steps (0 = only at the end)."""
     sample_every: int = 0
+    """Sample images every N steps (and always at the end when `sample_prompts` are set); 0 = only at the end."""
     sample_prompts: list[str] = field(default_factory=list)
+    """Prompts for the sample images."""
     sample_steps: int = 20
+    """Sampling steps per sample image."""
     sample_seed: int = 1234
+    """Seed of the sample images (fixed, so successive samples are comparable)."""
     sample_guidance: float = 7.0
+    """Guidance scale of the sample images."""
     validation_every: int = 0
+    """Validation loss every N steps (with held-out images); 0 = only at the end."""
     tensorboard: bool = True
+    """Write TensorBoard logs into the run folder."""
 
 
 @dataclass

@@ -170,3 +170,9 @@ def test_resolve_defaults_keeps_explicit_values():
 def test_fill_template_replaces_and_collapses_spaces():
     assert fill_template("a photo of {trigger} {class}", "sks", "dog") == "a photo of sks dog"
     assert fill_template("a photo of {trigger} {class}", "", "dog") == "a photo of dog"
+
+
+def test_the_readme_config_reference_is_generated_from_the_current_config():
+    import config_reference
+
+    assert config_reference.main(["--check"]) == 0, "run: python scripts/config_reference.py"
