@@ -13,9 +13,8 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
-from train_helpers import make_images, read_events, tiny_config  # noqa: E402
+from train_helpers import make_images, read_events, stop_then_resume, tiny_config  # noqa: E402
 
-from trainers.events import StopSignal  # noqa: E402
 from trainers.loop import train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,16 +65,8 @@ def test_full_finetune_in_bf16_with_ema_and_gradient_checkpointing(tmp_path, ima
 def test_resume_on_the_gpu_continues_the_same_curve(tmp_path, images):
     steps = 8
     straight = train(tiny_config(tmp_path / "a", images, steps=steps, train={"mixed_precision": "bf16"}))
-    cfg = tiny_config(tmp_path / "b", images, steps=steps, train={"mixed_precision": "bf16"})
-    stop = StopSignal()
-
-    def stop_at_four(event):
-        if event["event"] == "progress" and event["step"] == 4:
-            stop.request()
-
-    first = train(cfg, callbacks=[stop_at_four], stop=stop)
-    assert first.status == "stopped" and first.steps_done == 4
-    resumed = train(cfg, resume=True)
+    _, resumed = stop_then_resume(tiny_config(tmp_path / "b", images, steps=steps, train={"mixed_precision": "bf16"}),
+                                  at_step=4)
     assert resumed.status == "succeeded"
     progress = [e for e in read_events(resumed.run_dir) if e["event"] == "progress"]
     assert [e["step"] for e in progress][4] == 5, "the resumed run restarted"

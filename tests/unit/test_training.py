@@ -10,10 +10,9 @@ import torch
 from safetensors import safe_open
 
 from trainers.errors import ConfigError, DataError, ModelError, NonFiniteLoss
-from trainers.events import StopSignal
 from trainers.loop import train
 
-from train_helpers import make_images, read_events, tiny_config
+from train_helpers import make_images, read_events, stop_then_resume, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +45,7 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp
     reference = [e["loss"] for e in read_events(straight.run_dir) if e["event"] == "progress"]
 
     cfg = tiny_config(tmp_path / "b", images, steps=steps, data={"flip": True, "caption_dropout": 0.2})
-    stop = StopSignal()
-
-    def stop_at_three(event):
-        if event["event"] == "progress" and event["step"] == 3:
-            stop.request()
-
-    first = train(cfg, callbacks=[stop_at_three], stop=stop)
-    assert first.status == "stopped" and first.steps_done == 3
-    second = train(cfg, resume=True)
+    _, second = stop_then_resume(cfg, at_step=3)
     assert second.status == "succeeded"
     events = read_events(second.run_dir)
     resumed = [e["loss"] for e in events if e["event"] == "progress"]

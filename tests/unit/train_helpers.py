@@ -51,3 +51,20 @@ def read_events(run_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def stop_then_resume(cfg: Config, at_step: int):
+    """Train `cfg`, stop it after step `at_step` (as Ctrl-C or Cancel would), then resume it to the end:
+    (the stopped result, the resumed result)."""
+    from trainers.events import StopSignal
+    from trainers.loop import train
+
+    stop = StopSignal()
+
+    def stop_there(event):
+        if event["event"] == "progress" and event["step"] == at_step:
+            stop.request()
+
+    first = train(cfg, callbacks=[stop_there], stop=stop)
+    assert first.status == "stopped" and first.steps_done == at_step
+    return first, train(cfg, resume=True)
