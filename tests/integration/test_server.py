@@ -36,6 +36,13 @@ def test_every_node_of_the_pack_is_served_with_a_tooltip_on_every_input(comfy_se
     assert not [line for line in comfy_server.log_text().splitlines() if "IMPORT FAILED" in line]
 
 
+def test_the_readme_node_reference_is_what_the_server_lists(comfy_server):
+    import node_reference
+
+    fresh = node_reference.updated_readme(comfy_server.object_info())
+    assert fresh == node_reference.README.read_text(encoding="utf-8"), "run: python scripts/node_reference.py"
+
+
 def test_stock_txt2img_graph_runs_on_the_tiny_checkpoint(comfy, comfy_server, tiny_checkpoint):
     graph = to_api_graph(json.loads(STOCK_TXT2IMG.read_text()), comfy.object_info())
     graph["4"]["inputs"]["ckpt_name"] = tiny_checkpoint
