@@ -4,6 +4,7 @@ result lands in ComfyUI's models folder for its kind: embeddings, controlnet or 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,10 @@ from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS
 from .caption import model_folder_path, model_folders
 from .charts import LossHistory, loss_chart
 from .runner import MODEL_FOLDERS, TrainingJob, run_training
-from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata
+from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family, read_safetensors_metadata
 from .train import chart_and_sample_outputs, fingerprint, merge, parse_advanced, result_images
-from .types import DatasetType, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error
+from .types import (DatasetType, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error,
+                    pixels_to_pil)
 
 MODEL_FOLDERS.update(embedding="embeddings", controlnet="controlnet")
 REWARD_FOLDER = "reward_models"
@@ -307,6 +309,64 @@ class DDPOReward(io.ComfyNode):
         return io.NodeOutput(RewardChoice(settings))
 
 
+class DDPOReferenceReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        models = [NO_FILE, *model_folders(REWARD_FOLDER)]
+        return io.Schema(
+            node_id="FinetuneDDPOReferenceReward",
+            display_name="DDPO Reference Reward",
+            category="finetune/train",
+            description="A reward from images in your graph, for Train DDPO: the samples are rewarded for looking "
+                        "like them (by colour and layout, or with a CLIP model by content and style).",
+            inputs=[
+                io.Image.Input("images", tooltip="The images the samples should come to look like: any IMAGE in the "
+                                                 "graph (Load Image, a batch, another generation). At least 64 px."),
+                io.Combo.Input("clip_model", options=models, default=NO_FILE,
+                               tooltip=f"(none): colour and layout similarity, no weights needed. Or a CLIP model "
+                                       f"folder in models/{REWARD_FOLDER} (e.g. openai/clip-vit-large-patch14): "
+                                       "similarity of CLIP image embeddings, which follows content and style."),
+            ],
+            outputs=[RewardType.Output("reward_model", display_name="reward",
+                                       tooltip="Connect to Train DDPO's reward_model.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs) -> bool:
+        return True  # a missing model folder ends as an error that says where to put it
+
+    @classmethod
+    def execute(cls, images, clip_model: str) -> io.NodeOutput:
+        height, width = int(images.shape[1]), int(images.shape[2])
+        if min(height, width) < 64:
+            raise NodeError(f"`images`: the reference images are {width}x{height}; they must be at least 64 px on "
+                            "each side — upscale them (e.g. with Upscale Image) first")
+        settings = {"reward": "reference_similarity", "reference_folder": str(save_references(images)),
+                    "reward_model": ""}
+        if clip_model != NO_FILE:
+            settings["reward_model"] = str(model_folder_path(REWARD_FOLDER, clip_model, "clip_model"))
+        return io.NodeOutput(RewardChoice(settings))
+
+
+def save_references(images) -> Path:
+    """The images as PNGs in a folder named by their content (the same images, the same folder: a re-queued graph
+    is recognised as unchanged), written under a temporary name and renamed whole."""
+    array = (images.detach().cpu().float().clamp(0, 1) * 255).round().byte().numpy()
+    folder = RUNS_ROOT() / ".references" / hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()[:16]
+    if folder.is_dir():
+        return folder
+    partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    for n, picture in enumerate(images):
+        pixels_to_pil(picture).save(partial / f"reference_{n:03d}.png")
+    try:
+        partial.rename(folder)
+    except OSError:  # another queue wrote the same images first
+        if not folder.is_dir():
+            raise
+    return folder
+
+
 class TrainDDPO(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -336,8 +396,8 @@ class TrainDDPO(io.ComfyNode):
                 io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA size."),
                 *run_inputs("my_ddpo_lora", "3e-4", samples="{first prompt}"),
                 RewardType.Input("reward_model", optional=True,
-                                 tooltip="A reward that needs a model (aesthetic, CLIP or BLIP score) from DDPO "
-                                         "Reward."),
+                                 tooltip="A reward from DDPO Reward (aesthetic, CLIP or BLIP score: needs a model) or "
+                                         "from DDPO Reference Reward (look like images in the graph)."),
             ],
             outputs=[
                 LoraType.Output("lora", display_name="lora", tooltip="The trained LoRA, for Apply LoRA."),
@@ -373,6 +433,7 @@ class TrainDDPO(io.ComfyNode):
             "ddpo.prompts": "prompts", "ddpo.reward": "reward", "ddpo.samples_per_epoch": "samples_per_epoch",
             "ddpo.sample_batch_size": "samples_per_epoch", "ddpo.sample_steps": "sampling_steps",
             "ddpo.guidance": "guidance", "ddpo.reward_model": "reward_model", "ddpo.aesthetic_head": "reward_model",
+            "ddpo.reference_folder": "reward_model",
             "lora.rank": "rank"})
         record = run_training(job)
         path = Path(record.outputs["path"])
@@ -404,4 +465,4 @@ def reward_chart(record: RunRecord) -> tuple[Any, list[ui.SavedResult]]:
     return image_batch([chart], chart.size), shown
 
 
-NODES = [TrainTextualInversion, TrainControlNet, DDPOReward, TrainDDPO]
+NODES = [TrainTextualInversion, TrainControlNet, DDPOReward, DDPOReferenceReward, TrainDDPO]
