@@ -217,6 +217,23 @@ def test_apply_lora_reports_the_layers_it_patched_and_changes_the_image(comfy, c
     assert differ(plain, unchanged) == 0
 
 
+def test_apply_lora_nodes_stack(comfy, comfy_server, tiny_checkpoint, loras):
+    # The same LoRA twice at half strength patches the weights as once at full strength does, not as once at half.
+    once = pixels(comfy, comfy_server, with_lora(txt2img(tiny_checkpoint, "lora_once"), loras["sd1"]))
+    graph = with_lora(txt2img(tiny_checkpoint, "lora_twice"), loras["sd1"], 0.5)
+    graph["lora_2"] = {"class_type": "FinetuneApplyLoRA", "inputs": {
+        "model": ["lora", 0], "clip": ["lora", 1], "lora_name": loras["sd1"], "strength_model": 0.5,
+        "strength_clip": 0.5}}
+    graph["sampler"]["inputs"]["model"] = ["lora_2", 0]
+    for encoder in ("pos", "neg"):
+        graph[encoder]["inputs"]["clip"] = ["lora_2", 1]
+    half = pixels(comfy, comfy_server, with_lora(txt2img(tiny_checkpoint, "lora_half"), loras["sd1"], 0.5))
+    twice = pixels(comfy, comfy_server, graph)
+
+    # Not bit-equal: each patch is rounded into the checkpoint's weight dtype on its own.
+    assert differ(once, twice) < differ(half, twice) / 3 and differ(once, half) > 0.01
+
+
 def test_apply_lora_names_the_tensors_it_could_not_place(comfy, tiny_checkpoint, loras):
     result = comfy.run(with_lora(txt2img(tiny_checkpoint, "lora_partly"), loras["partly_unknown"]), timeout=600)
 
