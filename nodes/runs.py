@@ -29,6 +29,9 @@ EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+OUTPUT_KINDS = {"lora": "lora", "full": "checkpoint", "textual_inversion": "embedding", "controlnet": "controlnet",
+                "ddpo": "lora"}
+"""What each trainer method writes: the key of its file in a record's `outputs` (and so its models folder)."""
 _LIVE_RUN_IDS: set[str] = set()
 """Runs this process is driving right now; any other run marked running is checked for a live trainer process."""
 
@@ -56,7 +59,7 @@ class RunRecord:
     finished: float | None = None
     error: str = ""
     outputs: dict[str, Any] = field(default_factory=dict)
-    """"lora" or "checkpoint": the file's name in its models folder, "path": its full path,
+    """"lora", "checkpoint", "embedding" or "controlnet": the file's name in its models folder, "path": its full path,
     "samples": sample images relative to the run folder."""
     trigger_word: str = ""
     class_noun: str = ""
@@ -75,7 +78,8 @@ class RunRecord:
 
     @property
     def output_kind(self) -> str:
-        return "checkpoint" if self.method.startswith("full") else "lora"
+        """"lora", "checkpoint", "embedding" or "controlnet", from the method (less any " + DreamBooth")."""
+        return OUTPUT_KINDS.get(self.method.split(" + ")[0].strip(), "lora")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (with `duration`)."""

@@ -158,6 +158,31 @@ def test_a_run_whose_trainer_finished_after_a_restart_is_settled_as_succeeded(ru
     assert store.made_loras() == []
 
 
+@pytest.mark.parametrize("method, kind", [
+    ("lora", "lora"), ("lora + DreamBooth", "lora"), ("ddpo", "lora"), ("full", "checkpoint"),
+    ("full + DreamBooth", "checkpoint"), ("textual_inversion", "embedding"), ("controlnet", "controlnet"),
+])
+def test_the_output_kind_follows_the_method(runs, method, kind):
+    assert make_record(runs, method=method).output_kind == kind
+
+
+@pytest.mark.parametrize("method, kind, folder", [
+    ("textual_inversion", "embedding", "embeddings"), ("controlnet", "controlnet", "controlnet"),
+])
+def test_an_embedding_or_controlnet_run_settled_after_a_restart_is_not_a_lora(runs, tmp_path, method, kind, folder):
+    result = tmp_path / folder / "concept.safetensors"
+    _write_lora(result)
+    run_dir = tmp_path / "runs" / "done_late"
+    store = runs.RunStore(tmp_path / "runs")
+    store.save(make_record(runs, "done_late", method=method, status="running", started=10.0))
+    write_events(run_dir, [{"event": "done", "status": "succeeded", "step": 4, "outputs": {"model": str(result)}}])
+    record = store.get("done_late")
+    assert record.status == "succeeded"
+    assert record.outputs == {kind: "concept.safetensors", "path": str(result), "samples": []}
+    assert "lora" not in json.loads((run_dir / "run.json").read_text())["outputs"]
+    assert store.made_loras() == []
+
+
 def test_a_run_this_process_drives_or_whose_trainer_lives_stays_running(runs, tmp_path):
     store = runs.RunStore(tmp_path)
     with runs.live("mine_1"):
