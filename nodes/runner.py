@@ -17,14 +17,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ..trainers.config import Config
+from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path, atomic_write_text, unique_path
 from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done)
-from .types import NodeError, TrainingImages, pixels_to_pil
+from .types import NodeError, TrainingImages, node_error, pixels_to_pil
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 REQUEST_FILE, MANIFEST_FILE, LOG_FILE = "request.json", "manifest.jsonl", "train.log"
@@ -51,6 +52,8 @@ class TrainingJob:
     """Config sections as set on the node; the runner adds the paths (model.base, data.manifest, output.*)."""
     node_id: str = ""
     prompt_id: str = ""
+    input_names: dict[str, str] = field(default_factory=dict)
+    """Config fields and the node inputs that set them ({"lora.rank": "rank"}): the trainer's errors name the input."""
 
     @property
     def method(self) -> str:
@@ -102,7 +105,7 @@ def run_training(job: TrainingJob, store: RunStore | None = None) -> RunRecord:
                        node_id=job.node_id, step=found.step if (found and resume) else 0)
     store.save(record)
     with live(run_id):
-        return TrainerProcess(store, record, run_dir, job.kind, resume).run()
+        return TrainerProcess(store, record, run_dir, job.kind, resume, job.input_names).run()
 
 
 def write_manifest(dataset: TrainingImages, run_dir: Path) -> Path:
@@ -128,8 +131,10 @@ def write_manifest(dataset: TrainingImages, run_dir: Path) -> Path:
 class TrainerProcess:
     """One attempt of a run: the child process, its events, and what ComfyUI and the record learn from them."""
 
-    def __init__(self, store: RunStore, record: RunRecord, run_dir: Path, kind: str, resume: bool):
+    def __init__(self, store: RunStore, record: RunRecord, run_dir: Path, kind: str, resume: bool,
+                 input_names: dict[str, str] | None = None):
         self.store, self.record, self.run_dir, self.kind, self.resume = store, record, run_dir, kind, resume
+        self.input_names = input_names or {}
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.process: subprocess.Popen | None = None
         self.progress_bar = None
@@ -326,7 +331,7 @@ class TrainerProcess:
             self._end("cancelled", f"stopped at step {self.record.step}; queue the workflow again to resume")
             raise mm.InterruptProcessingException()
         if outcome.get("event") == "error":
-            self._fail(str(outcome.get("message")), crashed=code == 1)
+            self._fail(in_node_terms(outcome, self.input_names), crashed=code == 1)
         self._fail(_exit_reason(code, self.run_dir / LOG_FILE))
 
     def _fail(self, message: str, *, crashed: bool = True) -> NoReturn:
@@ -347,6 +352,20 @@ class TrainerProcess:
         if force or now - self.last_saved >= RECORD_SAVE_EVERY_S:
             self.store.save(self.record)
             self.last_saved = now
+
+
+def in_node_terms(error: dict[str, Any], input_names: dict[str, str]) -> str:
+    """The trainer's `error` event ("where: problem — fix") with the config fields it names put as the node's
+    inputs, as a bad value caught before the trainer started is put."""
+    message, where = str(error.get("message", "")), str(error.get("where") or "")
+    if not input_names:
+        return message
+    if where and message.startswith(f"{where}: "):
+        message = message[len(where) + 2:]
+    else:
+        where = ""
+    problem, _, fix = message.partition(" — ")
+    return str(node_error(FinetuneError(problem, fix, where=where), input_names))
 
 
 def _export_path(job: TrainingJob, run_dir: Path) -> Path:

@@ -99,8 +99,9 @@ def method_job(node: type[io.ComfyNode], kind: str, inputs: dict[str, Any], sett
     job = TrainingJob(name=inputs["name"].strip(), kind=kind, base_name=inputs["base_checkpoint"],
                       base_path=Path(base_path), dataset=dataset, settings=settings,
                       node_id=str(node.hidden.unique_id or (context.node_id if context else "")),
-                      prompt_id=context.prompt_id if context else "")
-    names = {**COMMON_INPUTS, **field_inputs}
+                      prompt_id=context.prompt_id if context else "",
+                      input_names={**COMMON_INPUTS, **field_inputs})
+    names = job.input_names
     try:
         job.config()
     except FinetuneError as exc:

@@ -462,6 +462,8 @@ def _validate_ddpo(cfg: Config) -> None:
                "point it at a text file with one prompt per line, or list them in ddpo.prompts")
     _check(bool(ddpo_prompts(p)), "ddpo.prompts", "DDPO needs at least one prompt to sample images from",
            'set ddpo.prompts, e.g. ["a photo of a cat"], or ddpo.prompt_file')
+    _check(not cfg.lora.train_text_encoder, "lora.train_text_encoder", "DDPO trains the UNet only",
+           "turn lora.train_text_encoder off")
     if p.reward in ("aesthetic", "clip_score", "blip_score"):
         _check(bool(p.reward_model.strip()), "ddpo.reward_model", f"reward {p.reward!r} needs a model",
                "set it to a local CLIP model folder (aesthetic, clip_score) or BLIP ITM folder (blip_score), or use "
