@@ -364,6 +364,9 @@ def in_node_terms(error: dict[str, Any], input_names: dict[str, str]) -> str:
         message = message[len(where) + 2:]
     else:
         where = ""
+    field_name, is_setting, value = where.partition(" = ")  # e.g. "ddpo.reward_model = /models/clip"
+    if is_setting and field_name in input_names:
+        where = f"`{input_names[field_name]}` ({value})"
     problem, _, fix = message.partition(" — ")
     return str(node_error(FinetuneError(problem, fix, where=where), input_names))
 
