@@ -395,7 +395,7 @@ def validate(cfg: Config) -> None:
     for name in ("learning_rate", "text_encoder_lr"):
         value = getattr(t, name)
         _check(math.isfinite(value) and value >= 0, f"train.{name}", f"must be a positive number, got {value}",
-               "use e.g. 1e-4 for LoRA, or 0 for the method's default")
+               f"use e.g. {DEFAULT_LEARNING_RATES.get(t.method, 1e-4):g}, or 0 for the method's default")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must not be negative, got {t.max_grad_norm}", "use 1.0, or 0 to disable")
     _check(t.min_snr_gamma >= 0, "train.min_snr_gamma", f"must not be negative, got {t.min_snr_gamma}", "use 5, or 0 to disable")
     _check(0.0 <= t.noise_offset <= 1.0, "train.noise_offset", f"must be in [0, 1], got {t.noise_offset}", "use e.g. 0.05")
@@ -444,11 +444,12 @@ def _validate_controlnet(cfg: Config) -> None:
         from .preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS
 
         _check(c.preprocessor in PREPROCESSORS, "controlnet.preprocessor", f"unknown preprocessor {c.preprocessor!r}",
-               f"use one of {', '.join(PREPROCESSORS)}, or set controlnet.control_folder")
+               f"use one of {', '.join(p for p in PREPROCESSORS if p not in NEEDS_DEPTH_MODEL)}, or set "
+               "controlnet.control_folder")
         _check(c.preprocessor not in NEEDS_DEPTH_MODEL, "controlnet.preprocessor",
                f"{c.preprocessor} maps need a depth model, so training does not make them on the fly",
-               "make the maps once (e.g. with the Control Map node), save them beside the images' names in a folder "
-               "and set controlnet.control_folder")
+               "make the maps once (e.g. ControlNet Condition's control_map into a Save Image node), save them under "
+               "the images' names in a folder and set controlnet.control_folder")
     _check(math.isfinite(c.conditioning_scale) and c.conditioning_scale > 0, "controlnet.conditioning_scale",
            f"must be a positive number, got {c.conditioning_scale}", "use 1.0")
     _check(not cfg.dreambooth.enabled, "dreambooth.enabled", "DreamBooth prior preservation is for LoRA and full "
