@@ -215,7 +215,8 @@ def make_job(node: type[io.ComfyNode], kind: str, methods: dict[str, bool], inpu
     context = _executing_context()
     job = TrainingJob(name=inputs["name"].strip(), kind=kind, base_name=inputs["base_checkpoint"],
                       base_path=Path(base_path), dataset=dataset, settings=settings,
-                      node_id=str(node.hidden.unique_id or ""), prompt_id=context.prompt_id if context else "")
+                      node_id=str(node.hidden.unique_id or ""), prompt_id=context.prompt_id if context else "",
+                      input_names=INPUTS)
     try:
         job.config()
     except FinetuneError as exc:

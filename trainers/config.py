@@ -395,7 +395,8 @@ def validate(cfg: Config) -> None:
     for name in ("learning_rate", "text_encoder_lr"):
         value = getattr(t, name)
         _check(math.isfinite(value) and value >= 0, f"train.{name}", f"must be a positive number, got {value}",
-               f"use e.g. {DEFAULT_LEARNING_RATES.get(t.method, 1e-4):g}, or 0 for the method's default")
+               f"use e.g. {DEFAULT_LEARNING_RATES.get(t.method, 1e-4):.0e}, or 0 for the method's default"
+               .replace("e-0", "e-"))
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must not be negative, got {t.max_grad_norm}", "use 1.0, or 0 to disable")
     _check(t.min_snr_gamma >= 0, "train.min_snr_gamma", f"must not be negative, got {t.min_snr_gamma}", "use 5, or 0 to disable")
     _check(0.0 <= t.noise_offset <= 1.0, "train.noise_offset", f"must be in [0, 1], got {t.noise_offset}", "use e.g. 0.05")
