@@ -18,7 +18,7 @@ from ..trainers.io import atomic_path
 from .charts import LossHistory, loss_chart
 from .runner import TrainingJob, run_training
 from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata
-from .types import DatasetType, LoraType, NodeError, TrainedLora, image_batch, node_error
+from .types import DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, image_batch, node_error
 
 TRAINER_NEEDS = ("diffusers", "peft", "transformers", "accelerate", "safetensors")
 # The trainer runs in its own process: here it is enough to know its packages are installed, without the seconds
@@ -161,9 +161,9 @@ class TrainCheckpoint(io.ComfyNode):
                                              "steadier results."),
                     *closing],
             outputs=[
-                io.String.Output("checkpoint_name", display_name="checkpoint_name",
-                                 tooltip="Its file name in models/checkpoints, for Load Checkpoint (the list "
-                                         "refreshes on the next queue)."),
+                FileNameOutput("checkpoint_name", display_name="ckpt_name",
+                               tooltip="Its file name in models/checkpoints: connect it to Load Checkpoint's "
+                                       "ckpt_name to use it in the same graph."),
                 *chart_and_sample_outputs(),
             ],
             hidden=[io.Hidden.unique_id],

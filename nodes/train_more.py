@@ -22,7 +22,7 @@ from .charts import LossHistory, loss_chart
 from .runner import MODEL_FOLDERS, TrainingJob, run_training
 from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family, read_safetensors_metadata
 from .train import chart_and_sample_outputs, fingerprint, merge, parse_advanced, result_images
-from .types import (DatasetType, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error,
+from .types import (DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error,
                     pixels_to_pil)
 
 MODEL_FOLDERS.update(embedding="embeddings", controlnet="controlnet")
@@ -30,8 +30,6 @@ REWARD_FOLDER = "reward_models"
 folder_paths.add_model_folder_path(REWARD_FOLDER, os.path.join(folder_paths.models_dir, REWARD_FOLDER))
 
 RewardType = io.Custom("FINETUNE_REWARD")
-ControlNetNameType = io.Custom("COMBO")
-"""A file name that links straight into a ControlNet dropdown (ControlNet Condition's `control_net`)."""
 
 WEIGHT_FREE_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
 MODEL_REWARDS = ("aesthetic", "clip_score", "blip_score")
@@ -216,9 +214,9 @@ class TrainControlNet(io.ComfyNode):
                 *run_inputs("my_controlnet", "1e-5", samples=None),
             ],
             outputs=[
-                ControlNetNameType.Output("controlnet_name", display_name="control_net",
-                                          tooltip="Its file in models/controlnet: connect it to ControlNet "
-                                                  "Condition's control_net."),
+                FileNameOutput("controlnet_name", display_name="control_net",
+                               tooltip="Its file in models/controlnet: connect it to ControlNet Condition's "
+                                       "control_net (or the stock Load ControlNet Model's)."),
                 io.Image.Output("loss_chart", display_name="loss_chart",
                                 tooltip="The loss per step (thin) and its moving average (bold)."),
             ],

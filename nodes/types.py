@@ -13,6 +13,25 @@ from comfy_api.v0_0_2 import io
 DatasetType = io.Custom("FINETUNE_DATASET")
 LoraType = io.Custom("FINETUNE_LORA")
 
+
+class _DropdownValue(str):
+    """The type "COMBO" that ComfyUI's link check (`received != expected`, with a dropdown's option list as the
+    expected type) accepts for any dropdown, as the frontend does; against every other type it is plain "COMBO"."""
+
+    def __ne__(self, other: object) -> bool:
+        return not isinstance(other, (list, tuple)) and str.__ne__(self, other)
+
+    __hash__ = str.__hash__
+
+
+class FileNameOutput(io.Custom("COMBO").Output):
+    """A file name (e.g. a checkpoint just written) that links into a stock loader's dropdown in the same graph:
+    a linked value is not checked against the list, so the file may not exist yet when the graph is queued."""
+
+    @property
+    def io_type(self):
+        return _DropdownValue("COMBO")
+
 CAPTION_MODES = ("keep", "overwrite", "append")
 
 
