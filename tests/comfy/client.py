@@ -217,3 +217,15 @@ def image_paths(result: Result, output_dir: str | Path) -> list[Path]:
     return [root / image.get("subfolder", "") / image["filename"]
             for image in result.images() if image.get("type") == "output"]
 
+
+
+def assert_clear_node_error(result: Result, node_type: str, expected: list[str], case: str = "") -> str:
+    """The run ended in one single-line error of the pack (no traceback) from `node_type`, containing every string
+    of `expected`; returns the message."""
+    assert result.status == "error", f"{case}: {result.status}"
+    assert result.error.node_type == node_type, result.error
+    message = result.error.message
+    for needle in expected:
+        assert needle in message, f"{case}: {needle!r} not in {message!r}"
+    assert message.startswith("finetune.NodeError: ") and "Traceback" not in message and "\n" not in message.strip()
+    return message
