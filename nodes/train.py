@@ -94,7 +94,22 @@ def chart_and_sample_outputs() -> list[io.Output]:
                             tooltip="The sample images of the last step (black when no sample prompts were given).")]
 
 
-class TrainLoRA(io.ComfyNode):
+class TrainingNode(io.ComfyNode):
+    """What every training node shares: its own input checks, and re-running whenever its checkpoint file or
+    result name changed on disk."""
+
+    @classmethod
+    def validate_inputs(cls, **kwargs) -> bool:
+        # Taking over ComfyUI's own list/range checks lets a missing checkpoint or a bad value end as an execution
+        # error that names the input and the fix.
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, base_checkpoint: str = "", name: str = "", **kwargs) -> str:
+        return fingerprint(base_checkpoint, name)
+
+
+class TrainLoRA(TrainingNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         common, closing = base_inputs(LORA_METHODS, "my_lora")
@@ -123,16 +138,6 @@ class TrainLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        # Taking over ComfyUI's own list/range checks lets a missing checkpoint or a bad value end as an execution
-        # error that names the input and the fix.
-        return True
-
-    @classmethod
-    def fingerprint_inputs(cls, base_checkpoint: str = "", name: str = "", **kwargs) -> str:
-        return fingerprint(base_checkpoint, name)
-
-    @classmethod
     def execute(cls, rank: int, alpha: float, train_text_encoder: bool, **inputs) -> io.NodeOutput:
         job = make_job(cls, "lora", LORA_METHODS, inputs,
                        {"lora": {"rank": rank, "alpha": alpha, "train_text_encoder": train_text_encoder}})
@@ -144,7 +149,7 @@ class TrainLoRA(io.ComfyNode):
         return io.NodeOutput(lora, lora.name, chart, samples, ui=shown)
 
 
-class TrainCheckpoint(io.ComfyNode):
+class TrainCheckpoint(TrainingNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         common, closing = base_inputs(CHECKPOINT_METHODS, "my_finetune")
@@ -169,14 +174,6 @@ class TrainCheckpoint(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        return True  # as TrainLoRA: bad values become execution errors naming the input
-
-    @classmethod
-    def fingerprint_inputs(cls, base_checkpoint: str = "", name: str = "", **kwargs) -> str:
-        return fingerprint(base_checkpoint, name)
 
     @classmethod
     def execute(cls, ema: bool, train_text_encoder: bool, **inputs) -> io.NodeOutput:

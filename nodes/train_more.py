@@ -21,7 +21,7 @@ from .caption import model_folder_path, model_folders
 from .charts import LossHistory, loss_chart
 from .runner import MODEL_FOLDERS, TrainingJob, run_training
 from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family, read_safetensors_metadata
-from .train import chart_and_sample_outputs, fingerprint, merge, parse_advanced, result_images
+from .train import TrainingNode, chart_and_sample_outputs, merge, parse_advanced, result_images
 from .types import (DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error,
                     pixels_to_pil)
 
@@ -120,7 +120,7 @@ def data_settings(dataset: TrainingImages, resolution: int, **extra: Any) -> dic
     return data
 
 
-class TrainTextualInversion(io.ComfyNode):
+class TrainTextualInversion(TrainingNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -161,14 +161,6 @@ class TrainTextualInversion(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        return True  # as Train LoRA: bad values become execution errors that name the input
-
-    @classmethod
-    def fingerprint_inputs(cls, base_checkpoint: str = "", name: str = "", **kwargs) -> str:
-        return fingerprint(base_checkpoint, name)
-
-    @classmethod
     def execute(cls, dataset: TrainingImages, trigger_word: str, initializer: str, num_vectors: int, resolution: int,
                 prompt_template: str, **inputs) -> io.NodeOutput:
         trigger = trigger_word.strip()
@@ -186,7 +178,7 @@ class TrainTextualInversion(io.ComfyNode):
         return io.NodeOutput(name, prompt, chart, samples, ui=shown)
 
 
-class TrainControlNet(io.ComfyNode):
+class TrainControlNet(TrainingNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -223,14 +215,6 @@ class TrainControlNet(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        return True
-
-    @classmethod
-    def fingerprint_inputs(cls, base_checkpoint: str = "", name: str = "", **kwargs) -> str:
-        return fingerprint(base_checkpoint, name)
 
     @classmethod
     def execute(cls, dataset: TrainingImages, preprocessor: str, control_folder: str, resolution: int,
@@ -366,7 +350,7 @@ def save_references(images) -> Path:
     return folder
 
 
-class TrainDDPO(io.ComfyNode):
+class TrainDDPO(TrainingNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -408,14 +392,6 @@ class TrainDDPO(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        return True
-
-    @classmethod
-    def fingerprint_inputs(cls, base_checkpoint: str = "", name: str = "", **kwargs) -> str:
-        return fingerprint(base_checkpoint, name)
 
     @classmethod
     def execute(cls, prompts: str, reward: str, samples_per_epoch: int, sampling_steps: int, guidance: float,
