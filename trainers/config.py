@@ -224,7 +224,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
     compile: bool = False
-    """torch.compile the UNet: a minute or more of compiling at the start, then faster steps on a GPU."""
+    """torch.compile the UNet's training forward: a minute or more of compiling at the start, then faster steps on a
+    GPU (sample images use the uncompiled UNet)."""
+    compile_mode: Literal["reduce-overhead", "default", "max-autotune"] = "reduce-overhead"
+    """With `compile`: reduce-overhead replays each step as CUDA graphs (fastest; one graph per bucket shape, so
+    best with few buckets), default fuses kernels only, max-autotune also searches kernel configs (long compile)."""
     cache_latents: bool = True
     """Encode each image with the VAE once instead of every step (off automatically with random crops)."""
     cache_text_embeddings: bool = True

@@ -47,16 +47,34 @@ class DataStream:
 
     def __init__(self, dataset: TrainingDataset, sampler: BucketBatchSampler, micro_step: int = 0):
         self.dataset, self.sampler = dataset, sampler
-        self.micro_step = micro_step
+        self._micro_step = micro_step
         self._epoch, self._batches = -1, []
+        self._ready: dict[str, Any] | None = None
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-batches handed out so far (a prefetched batch does not count until `next` returns it)."""
+        return self._micro_step
+
+    @micro_step.setter
+    def micro_step(self, value: int) -> None:
+        self._micro_step, self._ready = value, None
 
     def next(self) -> dict[str, Any]:
-        per_epoch = len(self.sampler)
-        epoch, position = divmod(self.micro_step, per_epoch)
+        batch, self._ready = self._ready or self._make(), None
+        self._micro_step += 1
+        return batch
+
+    def prefetch(self) -> None:
+        """Build the next batch now, while the GPU still works on the step just queued."""
+        if self._ready is None:
+            self._ready = self._make()
+
+    def _make(self) -> dict[str, Any]:
+        epoch, position = divmod(self._micro_step, len(self.sampler))
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self.sampler.batches_for_epoch(epoch)
             self.dataset.set_epoch(epoch)
-        self.micro_step += 1
         return collate([self.dataset[i] for i in self._batches[position]])
 
 
@@ -138,10 +156,9 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         te.to(accelerator.device)
     if accelerator.device.type == "cuda":
         base.unet.to(memory_format=torch.channels_last)  # cuDNN's convolutions run NHWC: no layout copies each step
+        torch.backends.cudnn.benchmark = True  # a few fixed shapes per run: measuring conv algorithms once pays
     method: Method = method_class(cfg.train.method)(cfg, base)
     method.setup()
-    if cfg.train.compile:
-        base.unet.compile()  # in place: parameter names (checkpoints, export) stay as they are
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
@@ -161,6 +178,10 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
                                  num_training_steps=cfg.train.steps)
     wrapped = {name: accelerator.prepare(module) for name, module in method.trained_modules().items()}
     method.wrap(wrapped)
+    if cfg.train.compile:
+        # Only the training forward is compiled: the module itself (parameter names for checkpoints and export,
+        # sample images) stays the eager one.
+        method.unet_forward = torch.compile(method.unet_forward, mode=cfg.train.compile_mode)
     optimizer = accelerator.prepare(optimizer)
 
     # ---- data ------------------------------------------------------------------------------------------
@@ -213,7 +234,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         step_start = (stream.micro_step, prior_stream.micro_step if prior_stream is not None else 0)
         try:
             step_loss, logs = _accumulate(method, stream, prior_stream, wrapped, accum, accelerator, generator,
-                                          state.step, last_checkpoint)
+                                          compiled=cfg.train.compile)
         except SamplingInterrupted:
             # The stop came while the step was still sampling (DDPO): drop the partial step, stop after the last
             # whole one (the top of the loop checkpoints it).
@@ -228,6 +249,17 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         method.after_optimizer_step()
+        for upcoming in (stream, prior_stream):
+            if isinstance(upcoming, DataStream):
+                upcoming.prefetch()
+        # The step's one wait for the GPU, after all of it is queued. A non-finite loss has reached the weights in
+        # memory by now, but nothing after the last checkpoint is ever written.
+        step_loss, logs = float(step_loss), {k: float(v) for k, v in logs.items()}
+        if not math.isfinite(step_loss):
+            raise NonFiniteLoss(
+                f"the loss became {step_loss} at step {state.step + 1}; nothing after step {state.step} was saved "
+                f"(last good checkpoint: {last_checkpoint or 'none'})",
+                "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)", where="train")
         state.step += 1
         throughput.tick()
         loss_avg = step_loss if state.step == 1 else 0.95 * loss_avg + 0.05 * step_loss
@@ -255,9 +287,10 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
 
 
 def _accumulate(method: Method, stream, prior_stream, wrapped: dict, accum: int, accelerator: Accelerator,
-                generator: torch.Generator, step: int, last_checkpoint: Path | None) -> tuple[float, dict[str, float]]:
-    """Forward and backward over the step's micro-batches; gradients are synchronised on the last one only."""
-    step_loss, logs = 0.0, {}
+                generator: torch.Generator, *, compiled: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Forward and backward over the step's micro-batches; gradients are synchronised on the last one only. The
+    loss stays on the device (reading it would make the host wait for the GPU in the middle of the step)."""
+    step_loss, logs = torch.zeros((), device=accelerator.device), {}
     for micro in range(accum):
         batch = _to_device(stream.next(), accelerator.device)
         if prior_stream is not None:
@@ -267,15 +300,11 @@ def _accumulate(method: Method, stream, prior_stream, wrapped: dict, accum: int,
                 for module in wrapped.values():
                     stack.enter_context(accelerator.no_sync(module))
             stack.enter_context(accelerator.autocast())
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()  # the last micro-step's graph outputs are no longer read
             loss, logs = method.compute_loss(batch, generator)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"the loss became {float(loss.detach())} at step {step + 1}; nothing after step "
-                    f"{step} was saved (last good checkpoint: {last_checkpoint or 'none'})",
-                    "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)",
-                    where="train")
             accelerator.backward(loss / accum)
-        step_loss += float(loss.detach()) / accum
+        step_loss = step_loss + loss.detach().float() / accum
     return step_loss, logs
 
 

@@ -112,12 +112,14 @@ class Method(ABC):
         self._training = training
 
     # ---- the loss ----------------------------------------------------------------------------------------
-    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator
+                     ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The step's loss and what to log beside it (tensors are read once the whole step is queued)."""
         instance = self.batch_loss(batch, generator).mean()
-        logs = {"loss_instance": float(instance.detach())}
+        logs = {"loss_instance": instance.detach()}
         if "prior" in batch:
             prior = self.batch_loss(batch["prior"], generator, namespace="prior").mean()
-            logs["loss_prior"] = float(prior.detach())
+            logs["loss_prior"] = prior.detach()
             return instance + self.cfg.dreambooth.prior_loss_weight * prior, logs
         return instance, logs
 
