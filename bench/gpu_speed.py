@@ -2,7 +2,7 @@
 attention, batch 1 and 8, through our real training loop (`trainers.loop.train`).
 
     python bench/gpu_speed.py [--models sd15,sdxl] [--batches 1,8] [--gradient-checkpointing off|on|both]
-                                 [--compile off|on|both] [--profile]
+                                 [--compile off,reduce-overhead,default] [--profile]
     python bench/gpu_speed.py --device cpu --tiny     # the same code on tiny models: proves the script end to end
 
 Nothing is downloaded: each model is built in memory from the shipped diffusers configs (random weights) and
@@ -50,12 +50,14 @@ class Row:
     resolution: int
     batch: int
     checkpointing: bool
-    compiled: bool = False
+    compile_mode: str = "off"
+    """off (eager), or the `train.compile_mode` the UNet's training forward was compiled with."""
     attention: str = "-"
     s_per_step: float | None = None
     forward_flops: float | None = None
     peak_gpu_bytes: int | None = None
     error: str = ""
+    compile_notes: str = ""
 
     @property
     def projected_1000_s(self) -> float | None:
@@ -137,7 +139,7 @@ def attention_kind(unet: torch.nn.Module) -> str:
     return "SDPA" if names == {"AttnProcessor2_0"} else ",".join(sorted(names))
 
 
-def bench_config(name: str, resolution: int, batch: int, checkpointing: bool, compiled: bool, images: Path, args,
+def bench_config(name: str, resolution: int, batch: int, checkpointing: bool, compile_mode: str, images: Path, args,
                  work: Path):
     from trainers.config import Config
 
@@ -145,15 +147,16 @@ def bench_config(name: str, resolution: int, batch: int, checkpointing: bool, co
         "model": {"base": f"random-{name}"},
         "data": {"folder": str(images), "resolution": resolution, "buckets": False},
         "train": {"steps": args.steps, "batch_size": batch, "learning_rate": 1e-4, "mixed_precision": "bf16",
-                  "gradient_checkpointing": checkpointing, "compile": compiled, "seed": 7},
+                  "gradient_checkpointing": checkpointing, "compile": compile_mode != "off",
+                  "compile_mode": "reduce-overhead" if compile_mode == "off" else compile_mode, "seed": 7},
         "lora": {"rank": args.rank, "alpha": float(args.rank)},
-        "output": {"dir": str(work / "runs"), "name": f"{name}-b{batch}-gc{int(checkpointing)}-c{int(compiled)}", "overwrite": True,
+        "output": {"dir": str(work / "runs"), "name": f"{name}-b{batch}-gc{int(checkpointing)}-{compile_mode}", "overwrite": True,
                    "tensorboard": False},
     })
 
 
 def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace, work: Path,
-            extra_callbacks: tuple = (), compiled: bool = False) -> Row:
+            extra_callbacks: tuple = (), compile_mode: str = "off") -> Row:
     """One configuration through `trainers.loop.train`, timed by its progress events."""
     from accelerate import Accelerator
     from tests.unit.train_helpers import make_images
@@ -161,7 +164,8 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
 
     family, resolution = MODELS[name]
     resolution = TINY_RESOLUTION if args.tiny else resolution
-    row = Row(name, resolution, batch, checkpointing, compiled)
+    row = Row(name, resolution, batch, checkpointing, compile_mode)
+    compiled = compile_mode != "off"
     images = make_images(work / f"images-{resolution}", count=max(8, batch), size=resolution)
     warmup = max(args.warmup, -(-len(list(images.glob("*.png"))) // batch))  # past the epoch that fills the cache
     if warmup >= args.steps - 1:
@@ -179,7 +183,8 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
     accelerator = Accelerator(mixed_precision="bf16", cpu=not cuda)
     with loop_builds_model(family, tiny=args.tiny, device=args.device, count_flops=not compiled) as built:
         try:
-            train(bench_config(name, resolution, batch, checkpointing, compiled, images, args, work), callbacks=[on_event, *extra_callbacks],
+            train(bench_config(name, resolution, batch, checkpointing, compile_mode, images, args, work),
+                  callbacks=[on_event, *extra_callbacks],
                   accelerator=accelerator)
         except Exception as exc:  # one failed configuration must not hide the others' numbers
             row.error = "out of GPU memory" if _out_of_memory(exc) else f"failed: {type(exc).__name__}"
@@ -192,12 +197,27 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
     if cuda:
         row.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     accelerator.free_memory()
+    if compiled:
+        row.compile_notes = compile_notes()
+        torch.compiler.reset()  # the next configuration compiles afresh (no dynamic-shape recompile, no old graphs)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     if not row.error:
         row.s_per_step = steady_s_per_step(stamps, warmup)
     return row
+
+
+def compile_notes() -> str:
+    """What torch.compile made of the UNet: graphs, graph breaks and steps left without CUDA graphs (each costs
+    launches on the host)."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    skips = counters["inductor"].get("cudagraph_skips", 0)
+    notes = f"{counters['stats'].get('unique_graphs', 0)} graph(s), {breaks} graph break(s), {skips} cudagraph skip(s)"
+    counters.clear()
+    return notes
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -236,7 +256,7 @@ def results_table(rows: list[Row], peak: float | None, tiny: bool) -> str:
         samples = row.batch / row.s_per_step if row.s_per_step else None
         gpu_gb = None if row.peak_gpu_bytes is None else row.peak_gpu_bytes / 2**30
         cells.append([row.model + (" (tiny)" if tiny else ""), str(row.resolution), str(row.batch),
-                      "on" if row.checkpointing else "off", "on" if row.compiled else "off", row.attention, row.error or fmt(row.s_per_step, 4),
+                      "on" if row.checkpointing else "off", row.compile_mode, row.attention, row.error or fmt(row.s_per_step, 4),
                       fmt(samples, 2), fmt(row.projected_1000_s, 1), flop,
                       "-" if mfu is None else f"{mfu:.1%}", fmt(gpu_gb, 1), *goal_cells(row, mfu, tiny)])
     return table(["model", "px", "batch", "grad ckpt", "compile", "attention", "s/step", "samples/s", "1000 steps s",
@@ -257,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
     peak = peak_tflops(args)
     choices = {"off": [False], "on": [True], "both": [False, True]}
-    checkpointing, compiling = choices[args.gradient_checkpointing], choices[args.compile]
+    checkpointing, compiling = choices[args.gradient_checkpointing], args.compile
     print(f"gpu_speed: {'tiny models' if args.tiny else 'full-size random-weight models'}, bf16, LoRA rank "
           f"{args.rank}, {args.steps} steps each (warm-up left out); {machine()}"
           + (f", {torch.get_num_threads()} torch thread(s)" if args.device == "cpu" else "")
@@ -269,18 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             for batch in args.batches:
                 for ckpt in checkpointing:
-                    for compiled in compiling:
-                        row = measure(name, batch, ckpt, args, Path(tmp), compiled=compiled)
+                    for mode in compiling:
+                        row = measure(name, batch, ckpt, args, Path(tmp), compile_mode=mode)
                         if row.error == "out of GPU memory" and not ckpt and args.gradient_checkpointing == "off":
                             print(f"  {name} batch {batch}: out of memory, again with gradient checkpointing",
                                   flush=True)
-                            row = measure(name, batch, True, args, Path(tmp), compiled=compiled)
+                            row = measure(name, batch, True, args, Path(tmp), compile_mode=mode)
                         eager = next((r for r in rows if (r.model, r.batch) == (name, batch) and r.forward_flops), None)
                         if row.forward_flops is None and eager is not None:
                             row.forward_flops = eager.forward_flops
                         rows.append(row)
                         print(f"  {name} batch {batch} grad ckpt {'on' if row.checkpointing else 'off'} compile "
-                              f"{'on' if compiled else 'off'}: {row.error or fmt(row.s_per_step, 4) + ' s/step'}",
+                              f"{mode}: {row.error or fmt(row.s_per_step, 4) + ' s/step'}"
+                              + (f" ({row.compile_notes})" if row.compile_notes else ""),
                               flush=True)
     print()
     print(results_table(rows, peak, args.tiny))
@@ -342,6 +363,19 @@ def profile_first(args: argparse.Namespace, work: Path) -> str:
     return f"profile of {name} batch {batch} ({row.error or fmt(row.s_per_step, 4) + ' s/step'}):\n{profiler.report()}\n"
 
 
+COMPILE_VARIANTS = ("off", "reduce-overhead", "default", "max-autotune")
+
+
+def _compile_modes(text: str) -> list[str]:
+    aliases = {"on": ["reduce-overhead"], "both": ["off", "reduce-overhead"]}
+    modes = [m for part in text.split(",") if part.strip() for m in aliases.get(part.strip(), [part.strip()])]
+    unknown = [m for m in modes if m not in COMPILE_VARIANTS]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown compile variant(s) {', '.join(unknown) or '(none)'}; use "
+                                         f"{', '.join(COMPILE_VARIANTS)}")
+    return list(dict.fromkeys(modes))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -358,8 +392,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", default="auto",
                         help="torch threads with --device cpu: a number, or auto (1 on a busy machine)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, the trainer's default)")
-    parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
-                        help="train.compile (torch.compile the UNet): off, on, or both side by side (default)")
+    parser.add_argument("--compile", type=_compile_modes, default=["off", "reduce-overhead"],
+                        help="comma-separated variants side by side: off (eager) and train.compile_mode values "
+                             "(reduce-overhead, default, max-autotune); on = reduce-overhead, both = off,on "
+                             "(default: off,reduce-overhead)")
     parser.add_argument("--profile", action="store_true",
                         help="first run the first model and batch under cProfile and print where the time goes")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
