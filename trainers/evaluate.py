@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 
 from .data.dataset import TrainingDataset, collate
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+_namespaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_numbers = itertools.count()
+
+
+def _latent_namespace(dataset) -> str:
+    """One latent-cache namespace per dataset for as long as it lives (an `id` could be reused by a later one)."""
+    if dataset not in _namespaces:
+        _namespaces[dataset] = f"heldout-{next(_numbers)}"
+    return _namespaces[dataset]
 
 
 @torch.no_grad()
@@ -22,7 +35,7 @@ def heldout_loss(method, dataset: TrainingDataset, *, seed: int = 0, timesteps=E
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        latents = prep.latents(batch, namespace=f"heldout-{id(dataset)}")
+        latents = prep.latents(batch, namespace=_latent_namespace(dataset))
         embeds = prep.prompt_embeds(batch["caption"])
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
