@@ -61,7 +61,8 @@ class DataStream:
         self._micro_step, self._ready = value, None
 
     def next(self) -> dict[str, Any]:
-        batch, self._ready = self._ready or self._make(), None
+        self.prefetch()
+        batch, self._ready = self._ready, None
         self._micro_step += 1
         return batch
 
