@@ -5,10 +5,10 @@ config → data → base model → method setup → optimizer → (resume) → s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,9 +180,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     wrapped = {name: accelerator.prepare(module) for name, module in method.trained_modules().items()}
     method.wrap(wrapped)
     if cfg.train.compile:
-        # Only the training forward is compiled: the module itself (parameter names for checkpoints and export,
-        # sample images) stays the eager one.
-        method.unet_forward = torch.compile(method.unet_forward, mode=cfg.train.compile_mode)
+        _compile_training_forward(cfg, method, base.unet)
     optimizer = accelerator.prepare(optimizer)
 
     # ---- data ------------------------------------------------------------------------------------------
@@ -200,7 +198,8 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         sampler = BucketBatchSampler(plan.dataset, cfg.train.batch_size, seed=cfg.train.seed,
                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index)
         stream = DataStream(plan.dataset, sampler, state.micro_step)
-    prior_stream = _prior_stream(cfg, base, accelerator, events, state.micro_step, stop)
+    with _eager(cfg):
+        prior_stream = _prior_stream(cfg, base, accelerator, events, state.micro_step, stop)
     if accelerator.num_processes == 1:  # with several processes a stop is only agreed on between steps
         method.should_stop = stop.requested
 
@@ -267,7 +266,8 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         events.emit("progress", step=state.step, total=total, loss=step_loss, loss_avg=loss_avg,
                     lr=lr_scheduler.get_last_lr()[0], it_s=throughput.rate(),
                     eta_s=throughput.eta(total - state.step), **logs)
-        _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main)
+        with _eager(cfg):
+            _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main)
 
     # ---- the result ------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -287,6 +287,25 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     return TrainResult("succeeded", run_dir, state.step, outputs, final_loss=loss_avg)
 
 
+def _compile_training_forward(cfg: Config, method: Method, unet: torch.nn.Module) -> None:
+    mode = cfg.train.compile_mode
+    if cfg.train.compile_scope == "unet":
+        # The module itself stays the eager one: parameter names (checkpoints, export) and sample images are untouched.
+        method.unet_forward = torch.compile(method.unet_forward, mode=mode)
+        return
+    if not getattr(unet, "_repeated_blocks", None):
+        raise ConfigError("compile_scope blocks needs a diffusers release that knows the UNet's repeated blocks",
+                          "upgrade diffusers, or use compile_scope unet", where="train.compile_scope")
+    # Compiled in place (names unchanged); every forward outside the training step runs under _eager.
+    unet.compile_repeated_blocks(mode=mode)
+
+
+def _eager(cfg: Config):
+    """Sample images, held-out loss and class images run the UNet eager: compiling them would cost more graphs (no
+    gradients, other batch sizes) than it saves."""
+    return torch.compiler.set_stance("force_eager") if cfg.train.compile else contextlib.nullcontext()
+
+
 def _accumulate(method: Method, stream, prior_stream, wrapped: dict, accum: int, accelerator: Accelerator,
                 generator: torch.Generator, *, compiled: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     """Forward and backward over the step's micro-batches; gradients are synchronised on the last one only. The
@@ -296,7 +315,7 @@ def _accumulate(method: Method, stream, prior_stream, wrapped: dict, accum: int,
         batch = _to_device(stream.next(), accelerator.device)
         if prior_stream is not None:
             batch["prior"] = _to_device(prior_stream.next(), accelerator.device)
-        with ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             if micro < accum - 1:
                 for module in wrapped.values():
                     stack.enter_context(accelerator.no_sync(module))

@@ -77,8 +77,9 @@ def test_resume_on_the_gpu_continues_the_same_curve(tmp_path, images):
         assert math.isclose(a, b, rel_tol=0.02, abs_tol=1e-3), f"step {step}: {a} vs {b}"
 
 
+@pytest.mark.parametrize("scope", ["unet", "blocks"])
 @pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
-def test_compiled_unet_trains_like_the_eager_one_on_the_gpu(tmp_path, images, mode):
+def test_compiled_unet_trains_like_the_eager_one_on_the_gpu(tmp_path, images, mode, scope):
     # Gradient accumulation and prior preservation call the compiled forward several times per step: CUDA graphs
     # must not hand back outputs that a later replay overwrote.
     settings = {"mixed_precision": "bf16", "gradient_accumulation": 2}
@@ -86,7 +87,7 @@ def test_compiled_unet_trains_like_the_eager_one_on_the_gpu(tmp_path, images, mo
     data = {"class_noun": "disc"}
     eager = train(tiny_config(tmp_path / "eager", images, steps=6, train=settings, data=data, dreambooth=prior))
     compiled = train(tiny_config(tmp_path / mode, images, steps=6, data=data, dreambooth=prior,
-                                 train={**settings, "compile": True, "compile_mode": mode}))
+                                 train={**settings, "compile": True, "compile_mode": mode, "compile_scope": scope}))
     assert compiled.status == "succeeded"
     want, got = _losses(eager.run_dir), _losses(compiled.run_dir)
     assert len(got) == 6 and all(math.isfinite(v) for v in got)

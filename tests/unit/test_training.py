@@ -128,3 +128,64 @@ def test_compiled_unet_trains_the_same_and_exports_the_same_keys(tmp_path, image
     assert compiled_run.outputs["sample_0"]
     with safe_open(plain.outputs["model"], "pt") as a, safe_open(compiled_run.outputs["model"], "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
+
+
+def test_compiled_blocks_are_the_transformer_blocks_and_only_training_compiles_graphs(tmp_path, images, monkeypatch):
+    # Regional compilation through a recording backend: which modules are compiled, with which mode, and whether
+    # any graph is made outside the training step (sample images and held-out loss run without gradients).
+    real_compile, modes, graphs_with_grad = torch.compile, [], []
+
+    def recording_compile(fn, **options):
+        modes.append((type(fn.__self__).__name__, options["mode"]))
+
+        def backend(graph, example_inputs):
+            graphs_with_grad.append(torch.is_grad_enabled())
+            return graph.forward
+
+        return real_compile(fn, backend=backend)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    data = {"validation_fraction": 0.25}
+    output = {"sample_prompts": ["sks"], "sample_steps": 2, "sample_every": 2, "validation_every": 2}
+    plain = train(tiny_config(tmp_path / "a", images, steps=4, data=data, output=output))
+    compiled_run = train(tiny_config(tmp_path / "b", images, steps=4, data=data, output=output, train={
+        "compile": True, "compile_scope": "blocks", "compile_mode": "default"}))
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in plain_unet_modules())
+    assert modes == [("BasicTransformerBlock", "default")] * blocks and blocks > 0
+    assert graphs_with_grad and all(graphs_with_grad), graphs_with_grad
+    events = [read_events(r.run_dir) for r in (plain, compiled_run)]
+    for kind in ("progress", "validation"):
+        got = [[e["loss"] for e in run if e["event"] == kind] for run in events]
+        assert got[0] and got[0] == pytest.approx(got[1], rel=1e-5), kind
+    assert sum(e["event"] == "sample" for e in events[1]) == 2
+    with safe_open(plain.outputs["model"], "pt") as a, safe_open(compiled_run.outputs["model"], "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+
+
+def test_compiled_blocks_need_a_diffusers_that_names_the_repeated_blocks(tmp_path, images, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setattr(UNet2DConditionModel, "_repeated_blocks", [])
+    with pytest.raises(ConfigError, match="upgrade diffusers, or use compile_scope unet") as error:
+        train(tiny_config(tmp_path, images, steps=1, train={"compile": True, "compile_scope": "blocks"}))
+    assert error.value.where == "train.compile_scope"
+
+
+def plain_unet_modules():
+    from diffusers import UNet2DConditionModel
+    from tiny_models import tiny_pipeline_dir
+
+    return UNet2DConditionModel.from_pretrained(str(tiny_pipeline_dir("sd1")), subfolder="unet").modules()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_with_the_real_compiler(tmp_path, images):
+    # The real compiler (C++ kernels on a CPU) on LoRA'd transformer blocks, with gradient checkpointing around them
+    # and gradient accumulation.
+    settings = {"gradient_checkpointing": True, "gradient_accumulation": 2}
+    eager = train(tiny_config(tmp_path / "a", images, steps=3, train=settings))
+    compiled = train(tiny_config(tmp_path / "b", images, steps=3, train={
+        **settings, "compile": True, "compile_scope": "blocks", "compile_mode": "default"}))
+    losses = [[e["loss"] for e in read_events(r.run_dir) if e["event"] == "progress"] for r in (eager, compiled)]
+    assert len(losses[1]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-5)
