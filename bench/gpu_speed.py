@@ -2,8 +2,10 @@
 attention, batch 1 and 8, through our real training loop (`trainers.loop.train`).
 
     python bench/gpu_speed.py [--models sd15,sdxl] [--batches 1,8] [--gradient-checkpointing off|on|both]
-                                 [--compile off,reduce-overhead,default] [--profile]
+                                 [--compile off,reduce-overhead,blocks:reduce-overhead,...] [--warm] [--profile]
     python bench/gpu_speed.py --device cpu --tiny     # the same code on tiny models: proves the script end to end
+    python bench/gpu_speed.py --device cpu --resolution 128 --batches 1 --compile off,default,blocks:default --warm
+                                                      # full-size models, small images: compile times on a CPU
 
 Nothing is downloaded: each model is built in memory from the shipped diffusers configs (random weights) and
 handed to the loop in place of a loaded file; everything else (LoRA injection, caching, mixed precision, optimizer,
@@ -33,6 +35,8 @@ from harness.report import fmt, machine, save_results, table
 MODELS = {"sd15": ("sd1", 512), "sdxl": ("sdxl", 1024)}
 """bench name -> (family, resolution)."""
 TINY_RESOLUTION = 64
+CPU_MAX_RESOLUTION = 256
+"""Full-size models on a CPU only at this many pixels or fewer."""
 SD15_REFERENCE_TFLOP = 0.85
 """One SD1.5 UNet forward at a 64x64 latent (512 px), batch 1: what the count should come near."""
 STEP_GOALS_S = {"sd15": 60.0, "sdxl": 240.0}
@@ -51,9 +55,13 @@ class Row:
     batch: int
     checkpointing: bool
     compile_mode: str = "off"
-    """off (eager), or the `train.compile_mode` the UNet's training forward was compiled with."""
+    """off (eager), or the compile variant: `train.compile_mode`, prefixed `blocks:` for `compile_scope = "blocks"`;
+    ` (warm)` marks the rerun on the compile cache the first run left."""
     attention: str = "-"
     s_per_step: float | None = None
+    to_first_step_s: float | None = None
+    """From the built model to the first step's report: moving it to the device, LoRA injection, the first batch's
+    encoding and (cold or warm) compiling; building the random weights is left out."""
     forward_flops: float | None = None
     peak_gpu_bytes: int | None = None
     error: str = ""
@@ -122,7 +130,7 @@ def loop_builds_model(family: str, *, tiny: bool, device: str, count_flops: bool
 
     def load(model_cfg, *, dtype=torch.float32):
         base = build_random_base(family, tiny=tiny, dtype=dtype, device=device)
-        built["unet"] = base.unet
+        built["unet"], built["at"] = base.unet, time.perf_counter()
         if count_flops:  # the counter would run inside a compiled graph: compiled rows borrow the eager count
             built["flops"] = UnetFlops(base.unet)
         return base
@@ -139,6 +147,14 @@ def attention_kind(unet: torch.nn.Module) -> str:
     return "SDPA" if names == {"AttnProcessor2_0"} else ",".join(sorted(names))
 
 
+def compile_settings(variant: str) -> dict:
+    """The `train` settings of a compile variant: off, MODE (the whole UNet) or blocks:MODE (its repeated blocks)."""
+    if variant == "off":
+        return {}
+    scope, _, mode = variant.rpartition(":")
+    return {"compile": True, "compile_mode": mode, "compile_scope": scope or "unet"}
+
+
 def bench_config(name: str, resolution: int, batch: int, checkpointing: bool, compile_mode: str, images: Path, args,
                  work: Path):
     from trainers.config import Config
@@ -148,22 +164,25 @@ def bench_config(name: str, resolution: int, batch: int, checkpointing: bool, co
         "data": {"folder": str(images), "resolution": resolution, "buckets": False},
         "train": {"steps": args.steps, "batch_size": batch, "learning_rate": 1e-4, "mixed_precision": "bf16",
                   "gradient_checkpointing": checkpointing, "seed": 7,
-                  **({} if compile_mode == "off" else {"compile": True, "compile_mode": compile_mode})},
+                  **compile_settings(compile_mode)},
         "lora": {"rank": args.rank, "alpha": float(args.rank)},
-        "output": {"dir": str(work / "runs"), "name": f"{name}-b{batch}-gc{int(checkpointing)}-{compile_mode}", "overwrite": True,
+        "output": {"dir": str(work / "runs"), "name": f"{name}-b{batch}-gc{int(checkpointing)}-{compile_mode.replace(':', '-')}",
+                   "overwrite": True,
                    "tensorboard": False},
     })
 
 
 def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace, work: Path,
-            extra_callbacks: tuple = (), compile_mode: str = "off") -> Row:
-    """One configuration through `trainers.loop.train`, timed by its progress events."""
+            extra_callbacks: tuple = (), compile_mode: str = "off", compile_cache: Path | None = None) -> Row:
+    """One configuration through `trainers.loop.train`, timed by its progress events. A compiled one uses the
+    compile cache folder `compile_cache`: an empty one pays what a first run pays, the folder a first run left what a
+    later run pays."""
     from accelerate import Accelerator
     from tests.unit.train_helpers import make_images
     from trainers.loop import train
 
     family, resolution = MODELS[name]
-    resolution = TINY_RESOLUTION if args.tiny else resolution
+    resolution = args.resolution or (TINY_RESOLUTION if args.tiny else resolution)
     row = Row(name, resolution, batch, checkpointing, compile_mode)
     compiled = compile_mode != "off"
     images = make_images(work / f"images-{resolution}", count=max(8, batch), size=resolution)
@@ -181,9 +200,11 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     accelerator = Accelerator(mixed_precision="bf16", cpu=not cuda)
-    with loop_builds_model(family, tiny=args.tiny, device=args.device, count_flops=not compiled) as built:
+    cache = compile_cache_folder(compile_cache) if compiled else contextlib.nullcontext()
+    with loop_builds_model(family, tiny=args.tiny, device=args.device, count_flops=not compiled) as built, cache:
         try:
-            train(bench_config(name, resolution, batch, checkpointing, compile_mode, images, args, work),
+            train(bench_config(name, resolution, batch, checkpointing, compile_mode.removesuffix(WARM), images, args,
+                               work),
                   callbacks=[on_event, *extra_callbacks],
                   accelerator=accelerator)
         except Exception as exc:  # one failed configuration must not hide the others' numbers
@@ -191,6 +212,7 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
             if not _out_of_memory(exc):
                 traceback.print_exc()
         if "unet" in built:
+            row.to_first_step_s = stamps[1] - built["at"] if 1 in stamps else None
             row.attention = attention_kind(built["unet"])
             row.forward_flops = built["flops"].total if "flops" in built else None
         built.clear()
@@ -205,6 +227,37 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
         torch.cuda.empty_cache()
     if not row.error:
         row.s_per_step = steady_s_per_step(stamps, warmup)
+    return row
+
+
+WARM = " (warm)"
+
+
+def compile_cache_folder(folder: Path | None):
+    """torch's compile cache (generated kernels, compiled graphs) in `folder` for the block, with the in-memory
+    caches cleared on the way in and out, as in a new process."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    if folder is None:
+        return contextlib.nullcontext()
+    folder.mkdir(parents=True, exist_ok=True)
+    return temporary_cache_dir(str(folder))
+
+
+def measure_with_fallback(name: str, batch: int, ckpt: bool, args, work: Path, mode: str, cache: Path,
+                          rows: list[Row]) -> Row:
+    """`measure`, again with gradient checkpointing when it runs out of memory without; compiled rows borrow the
+    eager row's FLOP count."""
+    row = measure(name, batch, ckpt, args, work, compile_mode=mode, compile_cache=cache)
+    if row.error == "out of GPU memory" and not ckpt and args.gradient_checkpointing == "off":
+        print(f"  {name} batch {batch}: out of memory, again with gradient checkpointing", flush=True)
+        row = measure(name, batch, True, args, work, compile_mode=mode, compile_cache=cache)
+    eager = next((r for r in rows if (r.model, r.batch) == (name, batch) and r.forward_flops), None)
+    if row.forward_flops is None and eager is not None:
+        row.forward_flops = eager.forward_flops
+    print(f"  {name} batch {batch} grad ckpt {'on' if row.checkpointing else 'off'} compile {mode}: "
+          f"{row.error or fmt(row.s_per_step, 4) + ' s/step'}, first step after {fmt(row.to_first_step_s, 1)} s"
+          + (f" ({row.compile_notes})" if row.compile_notes else ""), flush=True)
     return row
 
 
@@ -236,7 +289,7 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
 
 def goal_cells(row: Row, mfu: float | None, tiny: bool) -> list[str]:
     """[goal, ratio to it, verdict]; a ratio <= 1 meets a time goal, >= 1 meets the MFU goal."""
-    if tiny or row.error:
+    if tiny or row.error or row.resolution != MODELS[row.model][1]:
         return ["-", "-", "-"]
     if row.batch == 1 and row.model in STEP_GOALS_S and row.projected_1000_s is not None:
         goal = STEP_GOALS_S[row.model]
@@ -256,10 +309,12 @@ def results_table(rows: list[Row], peak: float | None, tiny: bool) -> str:
         samples = row.batch / row.s_per_step if row.s_per_step else None
         gpu_gb = None if row.peak_gpu_bytes is None else row.peak_gpu_bytes / 2**30
         cells.append([row.model + (" (tiny)" if tiny else ""), str(row.resolution), str(row.batch),
-                      "on" if row.checkpointing else "off", row.compile_mode, row.attention, row.error or fmt(row.s_per_step, 4),
-                      fmt(samples, 2), fmt(row.projected_1000_s, 1), flop,
+                      "on" if row.checkpointing else "off", row.compile_mode, row.attention,
+                      row.error or fmt(row.s_per_step, 4), fmt(samples, 2), fmt(row.to_first_step_s, 1),
+                      fmt(row.projected_1000_s, 1), flop,
                       "-" if mfu is None else f"{mfu:.1%}", fmt(gpu_gb, 1), *goal_cells(row, mfu, tiny)])
-    return table(["model", "px", "batch", "grad ckpt", "compile", "attention", "s/step", "samples/s", "1000 steps s",
+    return table(["model", "px", "batch", "grad ckpt", "compile", "attention", "s/step", "samples/s", "to step 1 s",
+                  "1000 steps s",
                   "fwd TFLOP", "MFU", "peak GPU GB", "goal", "ratio to goal", "verdict"], cells)
 
 
@@ -268,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: skipped")
         return 0
-    if args.device == "cpu" and not args.tiny:
-        print("gpu_speed: full-size models on a CPU would take hours; add --tiny for the CPU dry run", file=sys.stderr)
+    if args.device == "cpu" and not args.tiny and not 0 < args.resolution <= CPU_MAX_RESOLUTION:
+        print(f"gpu_speed: full-size models on a CPU at their own size would take hours; add --tiny for the CPU dry "
+              f"run, or --resolution {CPU_MAX_RESOLUTION // 2} to time compiling", file=sys.stderr)
         return 2
     if args.device == "cpu":
         threads = choose_threads(args.threads)
@@ -289,23 +345,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             for batch in args.batches:
                 for ckpt in checkpointing:
-                    for mode in compiling:
-                        row = measure(name, batch, ckpt, args, Path(tmp), compile_mode=mode)
-                        if row.error == "out of GPU memory" and not ckpt and args.gradient_checkpointing == "off":
-                            print(f"  {name} batch {batch}: out of memory, again with gradient checkpointing",
-                                  flush=True)
-                            row = measure(name, batch, True, args, Path(tmp), compile_mode=mode)
-                        eager = next((r for r in rows if (r.model, r.batch) == (name, batch) and r.forward_flops), None)
-                        if row.forward_flops is None and eager is not None:
-                            row.forward_flops = eager.forward_flops
-                        rows.append(row)
-                        print(f"  {name} batch {batch} grad ckpt {'on' if row.checkpointing else 'off'} compile "
-                              f"{mode}: {row.error or fmt(row.s_per_step, 4) + ' s/step'}"
-                              + (f" ({row.compile_notes})" if row.compile_notes else ""),
-                              flush=True)
+                    for variant in compiling:
+                        reruns = [variant] + ([variant + WARM] if args.warm and variant != "off" else [])
+                        cache = Path(tmp) / "compile-cache" / f"{name}-{batch}-{int(ckpt)}-{variant.replace(':', '-')}"
+                        for mode in reruns:
+                            rows.append(measure_with_fallback(name, batch, ckpt, args, Path(tmp), mode, cache, rows))
     print()
     print(results_table(rows, peak, args.tiny))
-    sd15 = next((r for r in rows if r.model == "sd15" and r.batch == 1 and r.forward_flops), None)
+    sd15 = next((r for r in rows if r.model == "sd15" and r.batch == 1 and r.resolution == MODELS["sd15"][1]
+                 and r.forward_flops), None)
     if sd15 is not None and not args.tiny:
         print(f"\nSD1.5 forward at batch 1, 512 px: {sd15.forward_flops / 1e12:.3f} TFLOP counted "
               f"(reference ~{SD15_REFERENCE_TFLOP} TFLOP)")
@@ -363,7 +411,8 @@ def profile_first(args: argparse.Namespace, work: Path) -> str:
     return f"profile of {name} batch {batch} ({row.error or fmt(row.s_per_step, 4) + ' s/step'}):\n{profiler.report()}\n"
 
 
-COMPILE_VARIANTS = ("off", "reduce-overhead", "default", "max-autotune")
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune")
+COMPILE_VARIANTS = ("off", *COMPILE_MODES, *(f"blocks:{mode}" for mode in COMPILE_MODES))
 
 
 def _compile_modes(text: str) -> list[str]:
@@ -382,6 +431,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny test models at 64 px instead of full size")
     parser.add_argument("--models", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
                         default=list(MODELS), help="comma-separated: sd15,sdxl")
+    parser.add_argument("--resolution", type=int, default=0,
+                        help="image size in pixels instead of the model's own (512 SD1.5, 1024 SDXL, 64 with --tiny); "
+                             "the goals apply only at the model's own size")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     parser.add_argument("--gradient-checkpointing", choices=("off", "on", "both"), default="off",
                         help="off (default; a run that runs out of memory is retried with it on), on, or both")
@@ -393,9 +445,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch threads with --device cpu: a number, or auto (1 on a busy machine)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, the trainer's default)")
     parser.add_argument("--compile", type=_compile_modes, default=["off", "reduce-overhead"],
-                        help="comma-separated variants side by side: off (eager) and train.compile_mode values "
-                             "(reduce-overhead, default, max-autotune); on = reduce-overhead, both = off,on "
+                        help="comma-separated variants side by side: off (eager), train.compile_mode values "
+                             "(reduce-overhead, default, max-autotune) for the whole UNet, and the same prefixed "
+                             "blocks: for compile_scope blocks; on = reduce-overhead, both = off,on "
                              "(default: off,reduce-overhead)")
+    parser.add_argument("--warm", action="store_true",
+                        help="run each compiled variant once more on the compile cache its first run left (what a "
+                             "later run of the same model pays); every first run starts from an empty cache")
     parser.add_argument("--profile", action="store_true",
                         help="first run the first model and batch under cProfile and print where the time goes")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
