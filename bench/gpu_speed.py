@@ -200,7 +200,7 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     accelerator = Accelerator(mixed_precision="bf16", cpu=not cuda)
-    cache = compile_cache_folder(compile_cache) if compiled else contextlib.nullcontext()
+    cache = compile_cache_folder(compile_cache if compiled else None)
     with loop_builds_model(family, tiny=args.tiny, device=args.device, count_flops=not compiled) as built, cache:
         try:
             train(bench_config(name, resolution, batch, checkpointing, compile_mode.removesuffix(WARM), images, args,

@@ -231,9 +231,10 @@ class TrainConfig:
     best with few buckets), default fuses kernels only, max-autotune also searches kernel configs (long compile)."""
     compile_scope: Literal["unet", "blocks"] = "unet"
     """With `compile`: unet compiles the whole training forward as one graph (with reduce-overhead the whole step
-    replays as CUDA graphs; a full-size SDXL takes minutes to compile), blocks only the UNet's repeated transformer blocks (regional compilation: one compile per
-    block shape, a fraction of the time; the rest of the UNet runs eager). Compiled code is cached on disk
-    (TORCHINDUCTOR_CACHE_DIR), so a later run of the same model and size compiles much faster."""
+    replays as CUDA graphs; a full-size SDXL takes minutes to compile), blocks only the UNet's repeated transformer
+    blocks (regional compilation: one compile per block shape, a fraction of the time; the rest of the UNet runs
+    eager). Compiled code is cached on disk (TORCHINDUCTOR_CACHE_DIR), so a later run of the same model and size
+    compiles much faster."""
     cache_latents: bool = True
     """Encode each image with the VAE once instead of every step (off automatically with random crops)."""
     cache_text_embeddings: bool = True
