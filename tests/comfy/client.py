@@ -57,6 +57,8 @@ class ComfyClient:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id or uuid.uuid4().hex
         self.http = requests.Session()
+        self._submitted: set[str] = set()
+        self._listeners: list[EventListener] = []
 
     # ---- plain HTTP ------------------------------------------------------------------------------------------
     def get(self, path: str, **kwargs: Any) -> requests.Response:
@@ -83,14 +85,22 @@ class ComfyClient:
             body = response.json()
             raise PromptRejected(body.get("error", {}), body.get("node_errors", {}))
         response.raise_for_status()
-        return response.json()["prompt_id"]
+        prompt_id = response.json()["prompt_id"]
+        self._submitted.add(prompt_id)
+        return prompt_id
 
     def wait(self, prompt_id: str, timeout: float = 300, poll_s: float = 0.25) -> Result:
-        """Poll /history until the prompt has finished (succeeded, failed or was interrupted)."""
+        """Poll /history until the prompt has finished (succeeded, failed or was interrupted).
+
+        A prompt reaches the history before the websocket has delivered its last events, so every open listener
+        of this client also waits for the prompt's final event: what a test reads from it afterwards is complete."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").json().get(prompt_id)
             if entry:  # a prompt enters the history only once it has finished
+                if prompt_id in self._submitted:
+                    for listener in list(self._listeners):
+                        listener.wait_for_end_of(prompt_id)
                 return _result(prompt_id, entry)
             time.sleep(poll_s)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
@@ -128,7 +138,7 @@ class ComfyClient:
 
     def events(self) -> "EventListener":
         """A websocket listener for this client id; use as a context manager around submit/wait."""
-        return EventListener(self.base_url, self.client_id)
+        return EventListener(self.base_url, self.client_id, self._listeners)
 
 
 def _result(prompt_id: str, entry: dict[str, Any]) -> Result:
@@ -151,9 +161,10 @@ def _result(prompt_id: str, entry: dict[str, Any]) -> Result:
 class EventListener:
     """Collects the websocket events of one client id on a background thread."""
 
-    def __init__(self, base_url: str, client_id: str):
+    def __init__(self, base_url: str, client_id: str, registry: list["EventListener"] | None = None):
         self.url = base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + f"/ws?clientId={client_id}"
         self.events: list[dict[str, Any]] = []
+        self._registry = registry if registry is not None else []
         self._changed = threading.Condition()
         self._socket: websocket.WebSocket | None = None
         self._thread: threading.Thread | None = None
@@ -163,9 +174,12 @@ class EventListener:
         self._socket.settimeout(1.0)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
+        self._registry.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self in self._registry:
+            self._registry.remove(self)
         socket, self._socket = self._socket, None
         if socket is not None:
             socket.close()
@@ -195,6 +209,11 @@ class EventListener:
         """The `data` of every event of this type, in arrival order."""
         with self._changed:
             return [event.get("data", {}) for event in self.events if event["type"] == kind]
+
+    def wait_for_end_of(self, prompt_id: str, timeout: float = 30) -> None:
+        """Block until the server's last event of a prompt (`executing` with no node) has arrived."""
+        self.wait_for(lambda e: e["type"] == "executing" and e["data"].get("node") is None
+                      and e["data"].get("prompt_id") == prompt_id, timeout)
 
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
         """Block until an event (type + data) matching `predicate` has arrived; returns it."""
