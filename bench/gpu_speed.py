@@ -37,6 +37,8 @@ MODELS = {"sd15": ("sd1", 512), "sdxl": ("sdxl", 1024)}
 TINY_RESOLUTION = 64
 CPU_MAX_RESOLUTION = 256
 """Full-size models on a CPU only at this many pixels or fewer."""
+WARM = " (warm)"
+"""Suffix of a compile variant rerun on the compile cache its first run left."""
 SD15_REFERENCE_TFLOP = 0.85
 """One SD1.5 UNet forward at a 64x64 latent (512 px), batch 1: what the count should come near."""
 STEP_GOALS_S = {"sd15": 60.0, "sdxl": 240.0}
@@ -228,9 +230,6 @@ def measure(name: str, batch: int, checkpointing: bool, args: argparse.Namespace
     if not row.error:
         row.s_per_step = steady_s_per_step(stamps, warmup)
     return row
-
-
-WARM = " (warm)"
 
 
 def compile_cache_folder(folder: Path | None):
