@@ -150,9 +150,6 @@ class RunStore:
         atomic_write_text(self.run_dir(run_id) / STOP_FILE, "stop requested\n")
         return True
 
-    def find_by_hash(self, content_hash: str) -> RunRecord | None:
-        return next((r for r in self.list() if r.content_hash == content_hash), None)
-
     def made_loras(self) -> list[dict[str, Any]]:
         """The LoRA files our runs wrote that are still in models/loras, newest first."""
         found = []

@@ -34,7 +34,7 @@ class BatchPreparer:
         if missing:
             fresh = encode_latents(self.base.vae, batch["pixels"][missing])
             for n, latent in zip(missing, fresh):
-                self._latents[keys[n]] = latent.to("cpu" if self._on_cpu_budget() else latent.device)
+                self._latents[keys[n]] = latent
         device = next(self.base.vae.parameters()).device
         return torch.stack([self._latents[key].to(device) for key in keys])
 
@@ -56,6 +56,3 @@ class BatchPreparer:
         while len(self._embeds) > self.max_cached_captions:
             self._embeds.popitem(last=False)
         return PromptEmbeds.cat([self._embeds[c] for c in captions])
-
-    def _on_cpu_budget(self) -> bool:
-        return False

@@ -239,8 +239,6 @@ class TrainConfig:
     """Encode each image with the VAE once instead of every step (off automatically with random crops)."""
     cache_text_embeddings: bool = True
     """Encode each caption once while the text encoder is frozen."""
-    cache_dir: str = ""
-    """Empty = in memory."""
     min_snr_gamma: float = 5.0
     """0 disables min-SNR weighting."""
     noise_offset: float = 0.0

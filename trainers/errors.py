@@ -28,9 +28,5 @@ class ModelError(FinetuneError):
     """The base model cannot be loaded or is of an unknown architecture. `where` names the file."""
 
 
-class TrainingStopped(Exception):
-    """Raised inside the loop when a stop was requested; the loop saves a checkpoint first."""
-
-
 class NonFiniteLoss(FinetuneError):
     """The loss became NaN or infinite."""

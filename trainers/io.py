@@ -31,11 +31,6 @@ def atomic_write_text(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-
-
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:
     """`folder/stem.suffix`, or `stem_2.suffix`, `stem_3.suffix`... if taken: never overwrite someone's file."""
     candidate = folder / f"{stem}{suffix}"

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from scripts import host, tiny_models
 from trainers.adapters import add_text_encoder_lora, add_unet_lora, lora_layers, lora_parameters
 from trainers.config import LoraConfig, ModelConfig
-from trainers.export.lora import kohya_lora_state, read_lora, save_lora
+from trainers.export.lora import kohya_lora_state, save_lora
 from trainers.models.loading import BaseModel, load_base_model
 
 LORA = LoraConfig(rank=4, alpha=2, targets="all", conv_rank=2, conv_alpha=3)
@@ -137,7 +138,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_comfyui_uses_every_key_of_the_file(case: Case):
     assert not [line for line in case.log if "lora key not loaded" in line or "NOT LOADED" in line]
     comfy = case.comfy
-    lora, _ = read_lora(case.lora_path)
+    lora = load_file(case.lora_path)
     key_map = comfy.lora.model_lora_keys_unet(case.model.model, {})
     key_map = comfy.lora.model_lora_keys_clip(case.clip.cond_stage_model, key_map)
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map, log_missing=False)

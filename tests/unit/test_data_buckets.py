@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from trainers.config import DataConfig
-from trainers.data.buckets import BucketGrid, crop_offsets, resize_and_crop, resize_to_cover
+from trainers.data.buckets import BucketGrid, crop_offsets, resize_to_cover
 from trainers.errors import ConfigError
 
 
@@ -64,11 +64,17 @@ def test_resize_to_cover_keeps_aspect_and_covers():
     assert resize_to_cover(Image.new("RGB", (100, 80)), (512, 512)).size == (640, 512)  # upscales small images
 
 
+def resize_and_crop(image: Image.Image, target_wh: tuple[int, int], crop="center", rng=None):
+    """What the dataset does to an image: cover the bucket, then crop the window it reports."""
+    resized = resize_to_cover(image, target_wh)
+    top, left = crop_offsets(resized.size, target_wh, crop, rng)
+    return resized.crop((left, top, left + target_wh[0], top + target_wh[1])), (top, left)
+
+
 def test_center_crop_coordinates_match_the_diffusers_convention():
     image = Image.new("RGB", (1000, 500))
     image.paste((255, 0, 0), (500, 0, 1000, 500))  # right half red
-    cropped, crop_top_left, original_size = resize_and_crop(image, (256, 256))
-    assert original_size == (500, 1000)
+    cropped, crop_top_left = resize_and_crop(image, (256, 256))
     # resized to 512x256; diffusers: x1 = round((512 - 256) / 2) = 128
     assert crop_top_left == (0, 128) and cropped.size == (256, 256)
     pixels = np.asarray(cropped)
@@ -85,5 +91,5 @@ def test_random_crop_is_inside_and_reproducible():
 def test_random_crop_pixels_come_from_the_reported_window():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (256, 384, 3), dtype=np.uint8))
-    cropped, (top, left), _ = resize_and_crop(image, (128, 256), "random", random.Random(3))
+    cropped, (top, left) = resize_and_crop(image, (128, 256), "random", random.Random(3))
     assert np.array_equal(np.asarray(cropped), np.asarray(image)[top:top + 256, left:left + 128])

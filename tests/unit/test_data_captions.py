@@ -86,11 +86,9 @@ def test_dropout_rate_matches_the_configured_probability():
     assert set(results) == {"", "sks, a photo"}
 
 
-def test_rules_from_config_and_static_flag():
-    static = CaptionRules.from_config(DataConfig(trigger_word=" sks ", class_noun="dog"))
-    assert static == CaptionRules(trigger_word="sks", class_noun="dog") and static.is_static
-    assert not CaptionRules.from_config(DataConfig(caption_dropout=0.1)).is_static
-    assert not CaptionRules.from_config(DataConfig(shuffle_tags=True)).is_static
+def test_rules_from_config():
+    rules = CaptionRules.from_config(DataConfig(trigger_word=" sks ", class_noun="dog"))
+    assert rules == CaptionRules(trigger_word="sks", class_noun="dog")
 
 
 def test_tag_frequency_counts_tags_most_common_first():

@@ -84,20 +84,7 @@ def test_flip_mirrors_pixels_and_reports_the_crop_in_flipped_coordinates(folder:
 def test_static_flags_follow_the_config(folder: Path):
     assert dataset(folder).pixels_are_static and dataset(folder, flip=True).pixels_are_static
     assert not dataset(folder, crop="random").pixels_are_static
-    assert dataset(folder, trigger_word="sks").captions_are_static
-    assert not dataset(folder, caption_dropout=0.1).captions_are_static
-    assert not dataset(folder, shuffle_tags=True).captions_are_static
 
-
-def test_static_example_equals_every_repeat_of_its_item(folder: Path):
-    data = dataset(folder, repeats=3, flip=True, trigger_word="sks")
-    for epoch in (0, 1):
-        data.set_epoch(epoch)
-        for index in range(len(data)):
-            example = data[index]
-            cached = data.static_example(example["item"], flipped=example["flipped"])
-            assert torch.equal(cached["pixels"], example["pixels"]) and cached["caption"] == example["caption"]
-            assert example["caption"].startswith("sks, ")
 
 
 def test_random_crop_stays_inside_the_resized_image(tmp_path: Path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.data.images import (IMAGE_EXTENSIONS, MAX_PIXELS, image_size, load_image, pil_to_tensor,
-                                  probe_image)
+from trainers.data.images import (IMAGE_EXTENSIONS, MAX_PIXELS, image_size, load_image, pil_to_uint8_tensor,
+                                  probe_image, uint8_to_pixels)
 from trainers.errors import DataError
 
 
@@ -168,9 +168,9 @@ def test_extensions_cover_the_common_formats():
     assert all(ext == ext.lower() and ext.startswith(".") for ext in IMAGE_EXTENSIONS)
 
 
-def test_pil_to_tensor_range_and_layout():
+def test_pil_to_pixels_range_and_layout():
     image = Image.new("RGB", (5, 3), (0, 255, 0))
-    tensor = pil_to_tensor(image)
+    tensor = uint8_to_pixels(pil_to_uint8_tensor(image))
     assert tensor.shape == (3, 3, 5) and tensor.dtype == torch.float32
     assert torch.equal(tensor[:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
 

@@ -107,15 +107,6 @@ def test_a_stop_request_writes_the_stop_file_of_a_running_run_only(runs, tmp_pat
     assert not (tmp_path / "done_1" / "STOP").exists()
 
 
-def test_find_by_hash_returns_the_newest_run_with_that_content(runs, tmp_path):
-    store = runs.RunStore(tmp_path)
-    store.save(make_record(runs, "a_1", status="failed", content_hash="h1", created=1.0))
-    store.save(make_record(runs, "b_2", status="succeeded", content_hash="h1", created=2.0))
-    store.save(make_record(runs, "c_3", status="succeeded", content_hash="h2", created=3.0))
-    assert store.find_by_hash("h1").id == "b_2"
-    assert store.find_by_hash("nope") is None
-
-
 @pytest.mark.parametrize("events, checkpoint, status, error", [
     ([{"event": "progress", "step": 3, "loss": 0.2}, {"event": "checkpoint", "step": 3, "path": "x"},
       {"event": "done", "status": "stopped", "step": 3}], True, "cancelled", ""),

@@ -81,12 +81,3 @@ def crop_offsets(size_wh: tuple[int, int], target_wh: tuple[int, int], crop: Cro
         return rng.randint(0, spare_h), rng.randint(0, spare_w)
     raise ValueError(f"unknown crop {crop!r}")
 
-
-def resize_and_crop(image: Image.Image, target_wh: tuple[int, int], crop: Crop = "center",
-                    rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
-    """Fit `image` to exactly `target_wh`: returns (image, crop_top_left (y, x), original_size (h, w))."""
-    original_size = (image.height, image.width)
-    resized = resize_to_cover(image, target_wh)
-    top, left = crop_offsets(resized.size, target_wh, crop, rng)
-    cropped = resized.crop((left, top, left + target_wh[0], top + target_wh[1]))
-    return cropped, (top, left), original_size

@@ -58,11 +58,6 @@ class CaptionRules:
         return cls(trigger_word=cfg.trigger_word.strip(), class_noun=cfg.class_noun.strip(),
                    dropout=cfg.caption_dropout, shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens)
 
-    @property
-    def is_static(self) -> bool:
-        """True when a caption always comes out the same, so its text embedding can be cached."""
-        return self.dropout <= 0 and not self.shuffle_tags
-
 
 def apply_caption_rules(caption: str, rules: CaptionRules, rng: random.Random) -> str:
     """Dropout (→ "" for unconditional training), then the trigger word first, then tag shuffling."""

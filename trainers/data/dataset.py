@@ -68,22 +68,11 @@ class TrainingDataset(Dataset):
         (item, flipped)."""
         return self.cfg.crop == "center"
 
-    @property
-    def captions_are_static(self) -> bool:
-        """An item's caption is the same every step: text embeddings can be cached per item."""
-        return self.rules.is_static
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.item_index(index)
         flipped = self.cfg.flip and self._rng(index, "flip").random() < 0.5
         caption = apply_caption_rules(self.items[item].caption, self.rules, self._rng(index, "caption"))
         return self._example(item, flipped, caption, self._rng(index, "crop"))
-
-    def static_example(self, item: int, *, flipped: bool = False) -> dict[str, Any]:
-        """The example every index of `item` yields (with `flipped`), for filling caches before training.
-        Only meaningful when `pixels_are_static` (and, for its caption, `captions_are_static`)."""
-        caption = apply_caption_rules(self.items[item].caption, self.rules, random.Random(self.seed))
-        return self._example(item, flipped, caption, None)
 
     # ---- internals -----------------------------------------------------------------------------------------
     def _rng(self, index: int, purpose: str) -> random.Random:

@@ -94,11 +94,6 @@ def uint8_to_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32).div_(127.5).sub_(1.0)
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) float32 in [-1, 1]."""
-    return uint8_to_pixels(pil_to_uint8_tensor(image))
-
-
 # ---- internals -------------------------------------------------------------------------------------------
 def _open(path: Path) -> Image.Image:
     if not path.is_file():

@@ -15,10 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import ModelError
 from ..io import atomic_path, refuse_existing
 from ..models.families import FAMILIES
 
@@ -87,21 +85,6 @@ def save_peft_lora(folder: Path, unet: torch.nn.Module | None, text_encoders: li
         loader.save_lora_weights(tmp, safe_serialization=True, **kwargs)
         os.replace(Path(tmp) / LORA_WEIGHT_NAME_SAFE, target)
     return folder
-
-
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a .safetensors LoRA file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError("LoRA file not found", "check the path, or pick a file from the loras folder", where=str(path))
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"not a readable .safetensors file ({exc})",
-                         "re-export it, or convert it to .safetensors if it is a .ckpt/.pt", where=str(path)) from None
-    return state, metadata
 
 
 def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
