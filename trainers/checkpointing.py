@@ -1,24 +1,30 @@
-"""Resumable checkpoints: trainable weights, optimizer, LR scheduler, noise RNG and position in the data.
+"""Resumable checkpoints: everything a training step depends on, so a resumed run continues exactly.
 
-Layout: `<run>/checkpoints/step_000123/` with `trainable.safetensors`, `extra.safetensors`, `optimizer.pt`,
-`scheduler.pt`, `rng.pt` and `state.json`. A checkpoint folder is written under a temporary name and renamed,
-so a crash never leaves a half checkpoint that `--resume` would pick up.
+Layout: `<run>/checkpoints/step_000123/` with `trainable.safetensors`, `extra.safetensors` (e.g. EMA weights),
+`optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16's loss scale), `rng_<rank>.pt` (one per process: its noise
+generator and its global torch RNG, which draws dropout masks) and `state.json`. A checkpoint folder is written under
+a temporary name and renamed, so a crash never leaves a half checkpoint that `--resume` would pick up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import FinetuneError
 
+log = logging.getLogger(__name__)
+
 STEP_PREFIX = "step_"
+LEGACY_RNG_FILE = "rng.pt"  # checkpoints written before each process saved its own RNG: the noise generator only
 
 
 @dataclass
@@ -28,6 +34,18 @@ class LoopState:
     micro_step: int = 0
     """Micro-batches consumed (steps × gradient accumulation), which fixes the position in the data."""
     loss_avg: float = 0.0
+
+
+@dataclass
+class Resumables:
+    """What a step depends on besides the trained weights and the data position."""
+
+    optimizer: Any
+    lr_scheduler: Any
+    generator: torch.Generator
+    """This process's noise and timestep generator."""
+    scaler: Any = None
+    """The fp16 GradScaler (accelerate's `accelerator.scaler`); None without fp16."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -43,42 +61,85 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir: Path, state: LoopState, *, trainable: dict[str, torch.Tensor],
-                    extra: dict[str, torch.Tensor], optimizer, lr_scheduler, generator: torch.Generator,
+def save_checkpoint(run_dir: Path, state: LoopState, method, resumables: Resumables, processes, *,
                     keep: int) -> Path:
+    """Every process calls this (`processes` is the Accelerator or accelerate's PartialState): each one writes its
+    own RNG state, the main process the weights (`method.trainable_state()` / `extra_state()`) and the rest."""
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{STEP_PREFIX}{state.step:06d}"
     tmp = folder / f".{final.name}.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_contiguous_cpu(trainable), str(tmp / "trainable.safetensors"))
-    if extra:
-        save_file(_contiguous_cpu(extra), str(tmp / "extra.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"generator": generator.get_state()}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _prune(folder, keep=max(1, keep))
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    processes.wait_for_everyone()
+    torch.save(_rng_state(resumables.generator), tmp / _rng_file(processes.process_index))
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        _write_main_state(tmp, state, method, resumables)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _prune(folder, keep=max(1, keep))
     return final
 
 
-def load_checkpoint(path: Path, *, optimizer, lr_scheduler, generator: torch.Generator):
-    """Restore optimizer, scheduler and RNG in place; return (state, trainable, extra) for the method to load."""
+def load_checkpoint(path: Path, resumables: Resumables, *, rank: int = 0):
+    """Restore optimizer, scheduler, scaler and this process's RNG states in place; return (state, trainable,
+    extra) for the method to load."""
     try:
         state = LoopState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
         trainable = load_file(str(path / "trainable.safetensors"))
         extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        generator.set_state(torch.load(path / "rng.pt", weights_only=True)["generator"])
+        resumables.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        resumables.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if resumables.scaler is not None and (path / "scaler.pt").exists():
+            resumables.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        _restore_rng(path, rank, resumables.generator)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise FinetuneError(f"the checkpoint cannot be read ({exc})",
                             "delete this checkpoint folder to resume from the one before, or start without --resume",
                             where=str(path)) from None
     return state, trainable, extra
+
+
+def _write_main_state(tmp: Path, state: LoopState, method, resumables: Resumables) -> None:
+    save_file(_contiguous_cpu(method.trainable_state()), str(tmp / "trainable.safetensors"))
+    extra = method.extra_state()
+    if extra:
+        save_file(_contiguous_cpu(extra), str(tmp / "extra.safetensors"))
+    torch.save(resumables.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(resumables.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+    if resumables.scaler is not None:
+        torch.save(resumables.scaler.state_dict(), tmp / "scaler.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_{rank}.pt"
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    states = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # the current device: this process's GPU
+    return states
+
+
+def _restore_rng(path: Path, rank: int, generator: torch.Generator) -> None:
+    own = path / _rng_file(rank)
+    if not own.exists():
+        legacy = path / LEGACY_RNG_FILE
+        if rank == 0 and legacy.exists():
+            generator.set_state(torch.load(legacy, weights_only=True)["generator"])
+            return
+        # More processes than the run had: this one starts from its seed (the data is split differently anyway).
+        log.warning("%s has no RNG state for process %d; it continues from its seed", path, rank)
+        return
+    states = torch.load(own, weights_only=True)
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
 from .batches import BatchPreparer
-from .checkpointing import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import LoopState, Resumables, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data.captions import tag_frequency
 from .data.dataset import BucketBatchSampler, TrainingDataset, collate
@@ -187,9 +187,9 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + accelerator.process_index)
     state = LoopState()
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    resumables = Resumables(optimizer, lr_scheduler, generator, scaler=accelerator.scaler)
     if checkpoint is not None:
-        state, trainable_state, extra = load_checkpoint(checkpoint, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                                        generator=generator)
+        state, trainable_state, extra = load_checkpoint(checkpoint, resumables, rank=accelerator.process_index)
         method.load_trainable_state(trainable_state)
         method.load_extra_state(extra)
         events.emit("status", message=f"resumed from {checkpoint.name}", step=state.step)
@@ -214,14 +214,10 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
 
     def checkpoint_now() -> Path | None:
         nonlocal last_checkpoint
-        accelerator.wait_for_everyone()
-        if is_main:
-            state.micro_step, state.loss_avg = stream.micro_step, loss_avg
-            last_checkpoint = save_checkpoint(run_dir, state, trainable=method.trainable_state(),
-                                              extra=method.extra_state(), optimizer=optimizer,
-                                              lr_scheduler=lr_scheduler, generator=generator,
-                                              keep=cfg.output.keep_checkpoints)
-            events.emit("checkpoint", step=state.step, path=str(last_checkpoint))
+        state.micro_step, state.loss_avg = stream.micro_step, loss_avg
+        last_checkpoint = save_checkpoint(run_dir, state, method, resumables, accelerator,
+                                          keep=cfg.output.keep_checkpoints)
+        events.emit("checkpoint", step=state.step, path=str(last_checkpoint))
         return last_checkpoint
 
     throughput.tick()

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from train_helpers import REPO, make_images, tiny_config
+from train_helpers import TWO_CPU_PROCESSES, make_images, run_python, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +17,8 @@ def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("cli") / "images")
 
 
-def run_cli(args: list[str], tmp_path: Path, *, launcher: list[str] | None = None, extra_env=None, timeout: int = 600):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    command = (launcher or [sys.executable, "-m"]) + ["trainers", *args]
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+def run_cli(args: list[str], tmp_path: Path, *, launcher: list[str] | None = None, extra_env=None):
+    return run_python((launcher or [sys.executable, "-m"]) + ["trainers", *args], tmp_path, extra_env=extra_env)
 
 
 def events_of(stdout: str) -> list[dict]:
@@ -67,11 +62,7 @@ def test_overrides_and_events_on_a_real_run(tmp_path, images):
 
 def test_two_processes_under_accelerate_train_one_model_and_save_once(tmp_path, images):
     config = write_config(tmp_path, images, steps=3, train={"batch_size": 1})
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", "0", "-m"]
-    # On a machine without GPUs, this is how accelerate starts real CPU processes joined by gloo.
-    result = run_cli(["train", str(config), "--events"], tmp_path, launcher=launcher,
+    result = run_cli(["train", str(config), "--events"], tmp_path, launcher=TWO_CPU_PROCESSES + ["-m"],
                      extra_env={"ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     events = events_of(result.stdout)

@@ -47,6 +47,23 @@ def tiny_config(tmp_path: Path, images: Path, *, family: str = "sd1", steps: int
     return Config.from_dict(data)
 
 
+# On a machine without GPUs, this is how accelerate starts two real CPU processes joined by gloo (with
+# ACCELERATE_USE_CPU=1 in the environment); `--cpu` would silently run one.
+TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                     "--main_process_port", "0"]
+
+
+def run_python(command: list[str], tmp_path: Path, *, extra_env=None, timeout: int = 600):
+    """`command` in a child process that sees the repository, no model hub and no stray accelerate config."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def read_events(run_dir: Path) -> list[dict]:
     import json
 
