@@ -276,7 +276,8 @@ class OutputConfig:
     validation_every: int = 0
     """Validation loss every N steps (with held-out images); 0 = only at the end."""
     tensorboard: bool = True
-    """Write TensorBoard logs into the run folder."""
+    """TensorBoard logs in the run folder's tensorboard/: losses, learning rates, validation loss, DDPO reward, sample
+    images. Needs the tensorboard package (pip install tensorboard); without it they are skipped with a log line."""
 
 
 @dataclass

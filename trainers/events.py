@@ -80,31 +80,72 @@ def print_human(event: dict[str, Any]) -> None:
         print(f"[{kind}] {json.dumps(fields, default=str)}", flush=True)
 
 
+# Progress fields that are not training values; every other number in a progress event (a method's own values,
+# e.g. DDPO's reward_mean or DreamBooth's loss_prior) is logged as `train/<name>`.
+_PROGRESS_BOOKKEEPING = {"event", "time", "step", "total", "loss", "loss_avg", "lr", "lrs", "it_s", "eta_s"}
+
+
 class TensorBoardWriter:
-    """Scalars from progress/validation events; a no-op with one log line when tensorboard is not installed."""
+    """The event stream as TensorBoard logs (`output.tensorboard`): loss, smoothed loss, learning rates, the
+    method's own values, validation loss and the sample images, at the steps of their events. A no-op with one
+    log line when tensorboard is not installed.
+
+    torch's SummaryWriter rather than accelerate's trackers: as a listener of the events it logs exactly what
+    events.jsonl and the ComfyUI chart show, and the loop keeps one place where numbers are reported."""
 
     def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.writer = None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             log.info("tensorboard is not installed; TensorBoard logs are off (pip install tensorboard)")
-            self.writer = None
+            self._summary_writer = None
             return
-        self.writer = SummaryWriter(str(log_dir))
+        self._summary_writer = SummaryWriter
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if self.writer is None:
+        kind = event["event"]
+        if self._summary_writer is None or kind not in ("progress", "validation", "sample"):
             return
-        if event["event"] == "progress":
-            self.writer.add_scalar("loss/train", event["loss"], event["step"])
-            self.writer.add_scalar("loss/train_avg", event["loss_avg"], event["step"])
-            self.writer.add_scalar("lr", event["lr"], event["step"])
-        elif event["event"] == "validation":
-            self.writer.add_scalar("loss/validation", event["loss"], event["step"])
+        step = event["step"]
+        if self.writer is None:
+            # A resumed run starts at a later step: what an earlier process logged from there on is dropped.
+            self.writer = self._summary_writer(str(self.log_dir), purge_step=step)
+        if kind == "progress":
+            self._progress(event, step)
+        elif kind == "validation":
+            self.writer.add_scalar("loss/validation", event["loss"], step)
+        else:
+            self._samples(event["paths"], step)
+        self.writer.flush()
+
+    def _progress(self, event: dict[str, Any], step: int) -> None:
+        self.writer.add_scalar("loss/train", event["loss"], step)
+        self.writer.add_scalar("loss/train_avg", event["loss_avg"], step)
+        self.writer.add_scalar("lr", event["lr"], step)
+        for group, lr in enumerate(event.get("lrs", [])[1:], start=1):
+            self.writer.add_scalar(f"lr/group_{group}", lr, step)
+        for name, value in event.items():
+            if name not in _PROGRESS_BOOKKEEPING and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+    def _samples(self, paths: list[str], step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        for n, path in enumerate(paths):
+            with Image.open(path) as image:
+                self.writer.add_image(f"samples/{n}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def tensorboard_listeners(run_dir: Path, enabled: bool) -> list[Callback]:
+    """The TensorBoard writer for `<run>/tensorboard/`, when `output.tensorboard` is on (and on the main process)."""
+    return [TensorBoardWriter(run_dir / "tensorboard")] if enabled else []
 
 
 class StopSignal:

@@ -26,7 +26,7 @@ from .data.captions import tag_frequency
 from .data.dataset import BucketBatchSampler, TrainingDataset, collate
 from .errors import ConfigError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
-from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput
+from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput, tensorboard_listeners
 from .methods import Method, RunSummary, method_class
 from .models.loading import load_base_model
 from .plan import Plan, make_plan
@@ -125,7 +125,9 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
         _claim_run_dir(plan.run_dir, plan.cfg, resume)
         plan.cfg.save(plan.run_dir / "config.json")
     accelerator.wait_for_everyone()
-    events = EventLog(plan.run_dir, list(callbacks or []), enabled=accelerator.is_main_process)
+    listeners = [*(callbacks or []), *tensorboard_listeners(
+        plan.run_dir, plan.cfg.output.tensorboard and accelerator.is_main_process)]
+    events = EventLog(plan.run_dir, listeners, enabled=accelerator.is_main_process)
     try:
         return _train(plan, resume, events, stop or StopSignal(plan.run_dir), accelerator)
     except FinetuneError as exc:
@@ -260,7 +262,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         throughput.tick()
         loss_avg = step_loss if state.step == 1 else 0.95 * loss_avg + 0.05 * step_loss
         events.emit("progress", step=state.step, total=total, loss=step_loss, loss_avg=loss_avg,
-                    lr=lr_scheduler.get_last_lr()[0], it_s=throughput.rate(),
+                    lr=lr_scheduler.get_last_lr()[0], lrs=lr_scheduler.get_last_lr(), it_s=throughput.rate(),
                     eta_s=throughput.eta(total - state.step), **logs)
         with _eager(cfg):
             _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main)

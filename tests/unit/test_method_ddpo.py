@@ -19,6 +19,7 @@ from trainers.methods.ddpo import PromptStats
 from trainers.rewards import jpeg_compressibility, jpeg_incompressibility, make_reward
 
 from method_helpers import rebuilt_method
+from test_tensorboard import read_tensorboard
 from train_helpers import read_events
 
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
@@ -169,7 +170,7 @@ def test_compressibility_of_fixed_seed_samples_rises(tmp_path):
 def test_a_stopped_run_resumes_exactly_mid_epoch(tmp_path):
     straight = train(ddpo_config(tmp_path / "a", steps=4))
     reference = [(e["loss"], e["reward_mean"]) for e in read_events(straight.run_dir) if e["event"] == "progress"]
-    cfg = ddpo_config(tmp_path / "b", steps=4)
+    cfg = ddpo_config(tmp_path / "b", steps=4, output={"tensorboard": True})
     stop = StopSignal()
     first = train(cfg, callbacks=[lambda e: e["event"] == "progress" and e["step"] == 1 and stop.request()],
                   stop=stop)
@@ -179,6 +180,9 @@ def test_a_stopped_run_resumes_exactly_mid_epoch(tmp_path):
     assert len(resumed) == 4
     for step, (want, got) in enumerate(zip(reference, resumed), start=1):
         assert want == pytest.approx(got, abs=1e-5), f"step {step}"
+    rewards = read_tensorboard(first.run_dir).Scalars("train/reward_mean")
+    assert [e.step for e in rewards] == [1, 2, 3, 4]
+    assert [e.value for e in rewards] == pytest.approx([reward for _, reward in resumed])
 
 
 def test_reference_similarity_prefers_images_like_the_references(tmp_path):
