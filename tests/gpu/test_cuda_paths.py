@@ -1,4 +1,5 @@
-"""The paths that only exist on a CUDA GPU: bf16 and fp16 mixed precision, 8-bit Adam, resume exactness on the GPU,
+"""The paths that only exist on a CUDA GPU: bf16 and fp16 mixed precision, 8-bit Adam, resume exactness on the GPU
+(the fp16 loss scale included), EMA of a full fine-tune,
 torch.compile with CUDA graphs.
 Skipped (with the reason) on machines without CUDA; run them on a GPU with `pytest tests/gpu`."""
 
@@ -14,8 +15,10 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
-from train_helpers import make_images, read_events, stop_then_resume, tiny_config  # noqa: E402
+from train_helpers import (assert_sampled_and_exported_the_ema_weights, make_images, read_events,  # noqa: E402
+                           record_sampled_and_exported_unet, stop_then_resume, tiny_config)
 
+from trainers.checkpointing import latest_checkpoint  # noqa: E402
 from trainers.loop import train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,10 +56,13 @@ def test_8bit_adam_trains_a_lora(tmp_path, images):
     assert all(math.isfinite(v) for v in _losses(result.run_dir))
 
 
-def test_full_finetune_in_bf16_with_ema_and_gradient_checkpointing(tmp_path, images):
+def test_full_finetune_in_bf16_with_ema_and_gradient_checkpointing(tmp_path, images, monkeypatch):
+    seen = record_sampled_and_exported_unet(monkeypatch)
     result = train(tiny_config(tmp_path, images, steps=4,
-                               train={"method": "full", "learning_rate": 1e-5, "mixed_precision": "bf16",
-                                      "gradient_checkpointing": True}))
+                               train={"method": "full", "learning_rate": 1e-4, "mixed_precision": "bf16",
+                                      "gradient_checkpointing": True}, full={"ema": True, "ema_decay": 0.5},
+                               output={"sample_prompts": ["a red disc"], "sample_steps": 1}))
+    assert_sampled_and_exported_the_ema_weights(result.run_dir, seen)
     with safe_open(result.outputs["model"], "pt") as f:
         keys = list(f.keys())
         first = f.get_tensor(next(k for k in keys if k.startswith("model.diffusion_model.")))
@@ -75,6 +81,15 @@ def test_resume_on_the_gpu_continues_the_same_curve(tmp_path, images):
     # GPU kernels are not bit-exact between runs: the curves agree closely, not to the last bit.
     for step, (a, b) in enumerate(zip(want, got), start=1):
         assert math.isclose(a, b, rel_tol=0.02, abs_tol=1e-3), f"step {step}: {a} vs {b}"
+
+
+def test_fp16_resume_restores_the_loss_scale(tmp_path, images):
+    settings = {"mixed_precision": "fp16"}
+    straight = train(tiny_config(tmp_path / "a", images, steps=8, train=settings))
+    _, resumed = stop_then_resume(tiny_config(tmp_path / "b", images, steps=8, train=settings), at_step=4)
+    scalers = [torch.load(latest_checkpoint(run.run_dir) / "scaler.pt", weights_only=True)
+               for run in (straight, resumed)]
+    assert scalers[1] == scalers[0], "the resumed run's loss scaler started over"
 
 
 @pytest.mark.parametrize("scope", ["unet", "blocks"])

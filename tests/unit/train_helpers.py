@@ -85,3 +85,43 @@ def stop_then_resume(cfg: Config, at_step: int):
     first = train(cfg, callbacks=[stop_there], stop=stop)
     assert first.status == "stopped" and first.steps_done == at_step
     return first, train(cfg, resume=True)
+
+
+def record_sampled_and_exported_unet(monkeypatch) -> dict:
+    """Fills the returned dict with the UNet's weights as the sample images and the exported checkpoint use them."""
+    import trainers.loop
+    import trainers.methods.full
+
+    seen = {}
+    generate, save = trainers.loop.generate_images, trainers.methods.full.save_single_file
+
+    def recording_generate(base, *args, **kwargs):
+        seen["names"] = [name for name, _ in base.unet.named_parameters()]
+        seen["sampled"] = {name: p.detach().to("cpu", copy=True) for name, p in base.unet.named_parameters()}
+        return generate(base, *args, **kwargs)
+
+    def recording_save(path, base, *, unet_state, **kwargs):
+        seen["exported"] = {name: value.to("cpu", copy=True) for name, value in unet_state.items()}
+        return save(path, base, unet_state=unet_state, **kwargs)
+
+    monkeypatch.setattr(trainers.loop, "generate_images", recording_generate)
+    monkeypatch.setattr(trainers.methods.full, "save_single_file", recording_save)
+    return seen
+
+
+def assert_sampled_and_exported_the_ema_weights(run_dir: Path, seen: dict) -> None:
+    """The weights seen by `record_sampled_and_exported_unet` are the EMA weights of the run's last checkpoint,
+    which differ from the trained weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from trainers.checkpointing import latest_checkpoint
+
+    checkpoint, names = latest_checkpoint(run_dir), seen["names"]
+    extra, trainable = (load_file(str(checkpoint / f)) for f in ("extra.safetensors", "trainable.safetensors"))
+    ema = {name: extra[f"ema.{n}"] for n, name in enumerate(names)}
+    moved = [name for name in names if not torch.equal(ema[name], trainable[f"unet.{name}"])]
+    assert len(moved) > len(names) // 2, "the EMA weights are the trained weights: the test would show nothing"
+    for name in names:
+        torch.testing.assert_close(seen["sampled"][name], ema[name], rtol=0, atol=0, msg=f"sampled {name}")
+        torch.testing.assert_close(seen["exported"][name], ema[name], rtol=0, atol=0, msg=f"exported {name}")
