@@ -112,3 +112,17 @@ def test_two_processes_resume_with_each_process_drawing_its_own_noise(tmp_path, 
             straight["losses"], stopped["losses"] + resumed["losses"])]
     assert not differences, "; ".join(differences)
     assert losses("straight", 0)["losses"] != losses("straight", 1)["losses"], "both processes drew the same batches"
+
+
+def test_a_checkpoint_from_before_per_process_rng_files_still_resumes_its_noise(tmp_path):
+    param = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    resumables = Resumables(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                            torch.Generator().manual_seed(4))
+    method = SimpleNamespace(trainable_state=lambda: {"param": param.detach()}, extra_state=dict)
+    path = save_checkpoint(tmp_path, LoopState(step=1), method, resumables, PartialState(), keep=1)
+    (path / "rng_0.pt").unlink()
+    torch.save({"generator": torch.Generator().manual_seed(11).get_state()}, path / "rng.pt")  # the older layout
+    generator = torch.Generator().manual_seed(0)
+    load_checkpoint(path, Resumables(optimizer, resumables.lr_scheduler, generator))
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=torch.Generator().manual_seed(11)))
