@@ -28,6 +28,7 @@ from .errors import ConfigError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
 from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput, tensorboard_listeners
 from .methods import Method, RunSummary, method_class
+from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
 from .models.loading import load_base_model
 from .plan import Plan, make_plan
 from .sampling import SamplingInterrupted, generate_images, save_samples
@@ -87,23 +88,6 @@ def choose_mixed_precision(requested: str) -> str:
     if requested == "fp16" and not torch.cuda.is_available():
         raise ConfigError("fp16 needs a CUDA GPU", "use bf16 or no on the CPU", where="train.mixed_precision")
     return requested
-
-
-def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    train = cfg.train
-    if train.optimizer == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise ConfigError("8-bit Adam needs a CUDA GPU", "use optimizer adamw", where="train.optimizer")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("8-bit Adam needs the bitsandbytes package",
-                              "pip install bitsandbytes, or use optimizer adamw", where="train.optimizer") from None
-        return bnb.optim.AdamW8bit(groups, weight_decay=train.weight_decay)
-    params = [p for group in groups for p in group["params"]]
-    # One fused kernel per step instead of several per parameter: it matters with hundreds of small LoRA tensors.
-    fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
-    return torch.optim.AdamW(groups, weight_decay=train.weight_decay, fused=fused)
 
 
 def _make_accelerator(mixed_precision: str) -> Accelerator:
@@ -177,7 +161,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     groups = method.parameter_groups()
     trainable = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(cfg, groups)
-    lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+    lr_scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=scheduler_warmup(cfg),
                                  num_training_steps=cfg.train.steps)
     wrapped = {name: accelerator.prepare(module) for name, module in method.trained_modules().items()}
     method.wrap(wrapped)
@@ -265,7 +249,8 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
                     lr=lr_scheduler.get_last_lr()[0], lrs=lr_scheduler.get_last_lr(), it_s=throughput.rate(),
                     eta_s=throughput.eta(total - state.step), **logs)
         with _eager(cfg):
-            _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main)
+            _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main,
+                      optimizer)
 
     # ---- the result ------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -274,7 +259,8 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     outputs: dict[str, str] = {}
     if is_main:
         summary.steps_done, summary.finished_at = state.step, time.time()
-        path = method.export(export_path(cfg, run_dir, method), summary, overwrite=cfg.output.overwrite)
+        with evaluation_weights(optimizer):
+            path = method.export(export_path(cfg, run_dir, method), summary, overwrite=cfg.output.overwrite)
         outputs["model"] = str(path)
         outputs["config"] = str(run_dir / "config.json")
         events.emit("saved", step=state.step, path=str(path), kind=method.name)
@@ -330,13 +316,20 @@ def export_path(cfg: Config, run_dir: Path, method: Method) -> Path:
     return Path(cfg.output.export_path) if cfg.output.export_path else run_dir / f"{cfg.output.name}{method.export_suffix}"
 
 
-def _periodic(cfg, step, total, method, base, plan: Plan, run_dir, events, checkpoint_now, summary, is_main) -> None:
+def _periodic(cfg, step, total, method, base, plan: Plan, run_dir, events, checkpoint_now, summary, is_main,
+              optimizer) -> None:
     out = cfg.output
     last = step == total
     if out.checkpoint_every and step % out.checkpoint_every == 0 and not last:
         checkpoint_now()
     if not is_main:
         return
+    with evaluation_weights(optimizer):
+        _export_sample_validate(cfg, step, last, method, base, plan, run_dir, events, summary)
+
+
+def _export_sample_validate(cfg, step, last, method, base, plan: Plan, run_dir, events, summary) -> None:
+    out = cfg.output
     if out.save_every and step % out.save_every == 0 and not last:
         summary.steps_done, summary.finished_at = step, time.time()
         path = method.export(run_dir / "intermediate" / f"{out.name}_step{step:06d}{method.export_suffix}",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS_WITHOUT_IMAGES, Config, fill_template
+from .config import METHODS_WITHOUT_IMAGES, Config, fill_template, learning_rate_origin
 from .data.dataset import DatasetScan, TrainingDataset, scan_dataset
 from .errors import ModelError
 
@@ -28,6 +28,8 @@ class Plan:
     validation: TrainingDataset | None
     run_dir: Path
     model_bytes: int | None
+    learning_rate_origin: str = "set"
+    """"set" (by the user), or whose default the learning rate is ("prodigy's default", "lora's default")."""
 
     def buckets(self) -> dict[str, int]:
         if self.dataset is None:
@@ -62,7 +64,9 @@ class Plan:
             "buckets": self.buckets(),
             "steps": t.steps,
             "batch_size": t.batch_size,
+            "optimizer": t.optimizer,
             "learning_rate": t.learning_rate,
+            "learning_rate_from": self.learning_rate_origin,
             "estimated_memory_gb": self.estimated_memory_gb(),
             "run_dir": str(self.run_dir),
         }
@@ -75,7 +79,11 @@ def make_plan(cfg: Config) -> Plan:
     if cfg.dreambooth.enabled and not cfg.data.default_caption:
         instance = fill_template(cfg.dreambooth.instance_prompt, cfg.data.trigger_word, cfg.data.class_noun)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, default_caption=instance))
+    from .optimizers import check_available
+
+    check_available(cfg.train.optimizer)
     model_bytes = _model_size(cfg.model.base)
+    origin = learning_rate_origin(cfg)
     scan = DatasetScan([]) if cfg.train.method in METHODS_WITHOUT_IMAGES else scan_dataset(cfg.data, seed=cfg.train.seed)
     cfg = cfg.resolve_defaults(scan.num_images)
     dataset = TrainingDataset(scan.items, cfg.data, seed=cfg.train.seed) if scan.items else None
@@ -85,7 +93,7 @@ def make_plan(cfg: Config) -> Plan:
         validation = TrainingDataset([dataclasses.replace(i, repeats=1) for i in scan.validation_items], eval_data,
                                      seed=cfg.train.seed)
     run_dir = Path(cfg.output.dir) / cfg.output.name
-    return Plan(cfg, scan, dataset, validation, run_dir, model_bytes)
+    return Plan(cfg, scan, dataset, validation, run_dir, model_bytes, origin)
 
 
 def _model_size(base: str) -> int | None:
