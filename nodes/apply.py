@@ -30,8 +30,8 @@ class ApplyLoRA(io.ComfyNode):
             display_name="Apply LoRA",
             category="finetune/generate",
             description="Applies a LoRA to the model and its text encoder, like Load LoRA (chain several to stack "
-                        "them), after checking that it was made for this model family. The report says how many "
-                        "layers it changed.",
+                        "them), after checking that it was made for this model family. LoRA, LoCon, LoHa and LoKr files "
+                        "all apply. The report says which kind it is and how many layers it changed.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to."),
                 io.Clip.Input("clip", tooltip="The text encoder (CLIP) to apply the LoRA to."),
@@ -49,7 +49,8 @@ class ApplyLoRA(io.ComfyNode):
                 io.Model.Output("lora_model", display_name="model",
                                 tooltip="The diffusion model with the LoRA applied."),
                 io.Clip.Output("lora_clip", display_name="clip", tooltip="The text encoder with the LoRA applied."),
-                io.String.Output("report", tooltip="Which LoRA, its family, and how many of its layers were applied "
+                io.String.Output("report", tooltip="Which LoRA, its family and kind (LoRA, LoHa or LoKr), and how many of "
+                                                   "its layers were applied "
                                                    "to the model and to the text encoder."),
             ],
         )
@@ -94,7 +95,7 @@ def choose_lora(lora_name: str, lora: TrainedLora | None) -> LoraChoice:
 def apply_lora(model, clip, chosen: LoraChoice, strength_model: float, strength_clip: float) -> tuple[Any, Any, str]:
     import comfy.sd
 
-    from ..trainers.export.lora import lora_family
+    from ..trainers.export.lora import ALGORITHM_NAMES, lora_algorithm, lora_family
 
     state, metadata = read_lora_file(chosen)
     family, model_family = lora_family(state, metadata), family_of(model)
@@ -111,7 +112,8 @@ def apply_lora(model, clip, chosen: LoraChoice, strength_model: float, strength_
         raise NodeError(f"{label}: none of its {len(state)} tensors matches a layer of "
                         f"{describe_model(model)} — is it a LoRA for another kind of model? Use one trained on "
                         "this checkpoint's family")
-    report = (f"{chosen.name} ({FAMILY_NAMES.get(family, 'family unknown')}) on {describe_model(model)}: "
+    report = (f"{chosen.name} ({FAMILY_NAMES.get(family, 'family unknown')} "
+              f"{ALGORITHM_NAMES[lora_algorithm(state)]}) on {describe_model(model)}: "
               f"{unet_layers} model layers (strength {strength_model:g}) and {text_layers} text-encoder layers "
               f"(strength {strength_clip:g}) patched")
     if not_loaded:

@@ -16,6 +16,7 @@ from ..trainers.config import fill_template
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path
 from .charts import LossHistory, loss_chart
+from .choices import DEFAULT_ALGORITHM, DEFAULT_OPTIMIZER, algorithm_input, learning_rate_input, optimizer_input
 from .runner import TrainingJob, run_training
 from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata
 from .types import DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, image_batch, node_error
@@ -30,8 +31,10 @@ for _package in TRAINER_NEEDS:
 LORA_METHODS = {"LoRA": False, "DreamBooth LoRA (prior preservation)": True}
 CHECKPOINT_METHODS = {"Full fine-tune": False, "DreamBooth (prior preservation)": True}
 INPUTS = {"model.base": "base_checkpoint", "data.trigger_word": "trigger_word", "data.class_noun": "class_noun",
-          "data.resolution": "resolution", "train.steps": "steps", "train.learning_rate": "learning_rate",
-          "train.batch_size": "batch_size", "train.seed": "seed", "lora.rank": "rank", "lora.alpha": "alpha",
+          "data.resolution": "resolution", "train.steps": "steps", "train.optimizer": "optimizer",
+          "train.learning_rate": "learning_rate",
+          "train.batch_size": "batch_size", "train.seed": "seed", "lora.algorithm": "algorithm", "lora.rank": "rank",
+          "lora.alpha": "alpha",
           "output.name": "name", "output.sample_every": "sample_every"}
 SET_BY_NODE = {"model": ("base",), "data": ("folder", "manifest"),
                "output": ("dir", "name", "export_path", "overwrite")}
@@ -61,8 +64,8 @@ def base_inputs(methods: dict[str, bool], default_name: str) -> tuple[list, list
                      tooltip="Training steps; 0 = automatic (100 per image, 400 to 1200)."),
     ]
     tail = [
-        io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0000001,
-                       tooltip="0 = the method's default (1e-4 for LoRA, 2e-6 for a full fine-tune)."),
+        optimizer_input(),
+        learning_rate_input("1e-4 for LoRA, 2e-6 for a full fine-tune"),
         io.Int.Input("resolution", default=0, min=0, max=4096, step=64,
                      tooltip="Training side length; 0 = the one set on Load Training Images."),
         io.Int.Input("batch_size", default=1, min=1, max=64,
@@ -120,6 +123,7 @@ class TrainLoRA(TrainingNode):
             description="Train a LoRA on your images in a separate process: live progress and samples, Cancel keeps "
                         "a checkpoint and the next queue resumes it, an unchanged graph reuses the finished LoRA.",
             inputs=[*common,
+                    algorithm_input(),
                     io.Int.Input("rank", default=16, min=1, max=256,
                                  tooltip="LoRA size: 4-8 for a face or object, 16-32 for a style; larger learns more "
                                          "detail and makes a bigger file."),
@@ -138,9 +142,10 @@ class TrainLoRA(TrainingNode):
         )
 
     @classmethod
-    def execute(cls, rank: int, alpha: float, train_text_encoder: bool, **inputs) -> io.NodeOutput:
-        job = make_job(cls, "lora", LORA_METHODS, inputs,
-                       {"lora": {"rank": rank, "alpha": alpha, "train_text_encoder": train_text_encoder}})
+    def execute(cls, rank: int, alpha: float, train_text_encoder: bool, algorithm: str = DEFAULT_ALGORITHM,
+                **inputs) -> io.NodeOutput:
+        job = make_job(cls, "lora", LORA_METHODS, inputs, {"lora": {
+            "algorithm": algorithm, "rank": rank, "alpha": alpha, "train_text_encoder": train_text_encoder}})
         record = run_training(job)
         path = Path(record.outputs["path"])
         lora = TrainedLora(name=record.outputs["lora"], path=str(path), trigger_word=record.trigger_word,
@@ -202,7 +207,8 @@ def make_job(node: type[io.ComfyNode], kind: str, methods: dict[str, bool], inpu
     settings = {
         "data": data,
         "train": {"method": "lora" if kind == "lora" else "full", "steps": inputs["steps"],
-                  "learning_rate": inputs["learning_rate"], "batch_size": inputs["batch_size"], "seed": inputs["seed"]},
+                  "optimizer": inputs.get("optimizer", DEFAULT_OPTIMIZER), "learning_rate": inputs["learning_rate"],
+                  "batch_size": inputs["batch_size"], "seed": inputs["seed"]},
         "dreambooth": {"enabled": methods[inputs["method"]]},
         "output": {"sample_prompts": [p for p in prompts if p], "sample_every": inputs["sample_every"],
                    "checkpoint_every": CHECKPOINT_EVERY["lora" if kind == "lora" else "full"], "keep_checkpoints": 1},

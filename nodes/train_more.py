@@ -19,6 +19,7 @@ from ..trainers.io import atomic_path
 from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS
 from .caption import model_folder_path, model_folders
 from .charts import LossHistory, loss_chart
+from .choices import DEFAULT_ALGORITHM, DEFAULT_OPTIMIZER, algorithm_input, learning_rate_input, optimizer_input
 from .runner import MODEL_FOLDERS, TrainingJob, run_training
 from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family, read_safetensors_metadata
 from .train import TrainingNode, chart_and_sample_outputs, merge, parse_advanced, result_images
@@ -36,7 +37,8 @@ MODEL_REWARDS = ("aesthetic", "clip_score", "blip_score")
 TRAINING_MAPS = tuple(p for p in PREPROCESSORS if p not in NEEDS_DEPTH_MODEL)
 NO_FILE = "(none)"
 CHECKPOINT_EVERY = 100
-COMMON_INPUTS = {"model.base": "base_checkpoint", "train.steps": "steps", "train.learning_rate": "learning_rate",
+COMMON_INPUTS = {"model.base": "base_checkpoint", "train.steps": "steps", "train.optimizer": "optimizer",
+                 "train.learning_rate": "learning_rate",
                  "train.batch_size": "batch_size", "train.seed": "seed", "data.resolution": "resolution",
                  "output.name": "name", "output.sample_every": "sample_every"}
 
@@ -58,8 +60,8 @@ def checkpoint_input() -> io.Combo.Input:
 def run_inputs(default_name: str, default_lr: str, *, samples: str | None) -> list:
     """steps, learning rate, batch, seed, name, sample prompts (when `samples` is their default) and advanced."""
     inputs = [
-        io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0000001,
-                       tooltip=f"0 = the method's default ({default_lr})."),
+        optimizer_input(),
+        learning_rate_input(default_lr),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step: smoother, more memory."),
         io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFF, control_after_generate=False,
                      tooltip="Makes a run repeatable. Changing it starts a new training."),
@@ -88,8 +90,8 @@ def method_job(node: type[io.ComfyNode], kind: str, inputs: dict[str, Any], sett
     if base_path is None:
         raise NodeError(f"`base_checkpoint`: {inputs['base_checkpoint']!r} is not in models/checkpoints — put the "
                         "file there and refresh the page (R), or pick another checkpoint")
-    settings["train"].update(steps=inputs["steps"], learning_rate=inputs["learning_rate"],
-                             batch_size=inputs["batch_size"], seed=inputs["seed"])
+    settings["train"].update(steps=inputs["steps"], optimizer=inputs.get("optimizer", DEFAULT_OPTIMIZER),
+                             learning_rate=inputs["learning_rate"], batch_size=inputs["batch_size"], seed=inputs["seed"])
     settings.setdefault("output", {}).update(checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=1)
     advanced = (inputs.get("advanced") or "").strip()
     settings = merge(settings, parse_advanced(advanced))
@@ -376,6 +378,7 @@ class TrainDDPO(TrainingNode):
                 io.Float.Input("guidance", default=5.0, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance while sampling (1 = none, twice as fast)."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Side of sampled images."),
+                algorithm_input(),
                 io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA size."),
                 *run_inputs("my_ddpo_lora", "3e-4", samples="{first prompt}"),
                 RewardType.Input("reward_model", optional=True,
@@ -395,7 +398,8 @@ class TrainDDPO(TrainingNode):
 
     @classmethod
     def execute(cls, prompts: str, reward: str, samples_per_epoch: int, sampling_steps: int, guidance: float,
-                resolution: int, rank: int, reward_model: RewardChoice | None = None, **inputs) -> io.NodeOutput:
+                resolution: int, rank: int, reward_model: RewardChoice | None = None,
+                algorithm: str = DEFAULT_ALGORITHM, **inputs) -> io.NodeOutput:
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         inputs["sample_prompts"] = inputs.get("sample_prompts", "").replace("{first prompt}", lines[0] if lines else "")
         ddpo = {"prompts": lines, "reward": reward, "samples_per_epoch": samples_per_epoch,
@@ -403,13 +407,14 @@ class TrainDDPO(TrainingNode):
                 "sample_steps": sampling_steps, "guidance": guidance,
                 **(reward_model.settings if reward_model is not None else {})}
         settings = {"data": {"resolution": resolution}, "train": {"method": "ddpo"}, "ddpo": ddpo,
-                    "lora": {"rank": rank, "alpha": float(rank)}, "output": sample_settings(inputs)}
+                    "lora": {"algorithm": algorithm, "rank": rank, "alpha": float(rank)},
+                    "output": sample_settings(inputs)}
         job = method_job(cls, "lora", inputs, settings, TrainingImages(entries=(), source="ddpo prompts"), {
             "ddpo.prompts": "prompts", "ddpo.reward": "reward", "ddpo.samples_per_epoch": "samples_per_epoch",
             "ddpo.sample_batch_size": "samples_per_epoch", "ddpo.sample_steps": "sampling_steps",
             "ddpo.guidance": "guidance", "ddpo.reward_model": "reward_model", "ddpo.aesthetic_head": "reward_model",
             "ddpo.reference_folder": "reward_model",
-            "lora.rank": "rank"})
+            "lora.rank": "rank", "lora.algorithm": "algorithm"})
         record = run_training(job)
         path = Path(record.outputs["path"])
         lora = TrainedLora(name=record.outputs["lora"], path=str(path),

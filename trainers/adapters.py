@@ -1,7 +1,14 @@
-"""Trainable LoRA adapters on the UNet and the text encoders, injected with peft.
+"""Trainable adapters on the UNet and the text encoders, injected with peft: LoRA, LoHa and LoKr.
 
-peft scales an adapter as `W x + (lora_alpha / r) * B(A(x))`, starts `A` random (Kaiming-uniform) and `B` at zero:
+peft scales a LoRA as `W x + (lora_alpha / r) * B(A(x))`, starts `A` random (Kaiming-uniform) and `B` at zero:
 the same scale and the same start as kohya's `lora_down`/`lora_up`, so its weights export to kohya's layout as they are.
+
+LoHa and LoKr come from peft too, not from lycoris-lora: peft's layers live inside the UNet like its LoRA layers, so
+accelerate, checkpoints, resume and gradient sync treat all three alike, while lycoris-lora hooks the forward of
+modules from a network object outside the model. peft's LoHa and LoKr weights are LyCORIS's own (`hada_w1_a`...,
+`lokr_w1`...), with the same alpha / rank scale, so the export writes them under LyCORIS's names as they are
+(export/lora.py). peft's DoRA is not offered: it normalises each output row, while ComfyUI and AUTOMATIC1111 read
+`dora_scale` per input column (ComfyUI's per-row path divides by the base weight's norm), so no file could load exactly.
 """
 
 from __future__ import annotations
@@ -9,9 +16,11 @@ from __future__ import annotations
 import re
 
 import torch
+from peft import LoHaConfig, LoKrConfig, PeftConfig
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 
 from .config import LoraConfig
@@ -48,9 +57,8 @@ def add_unet_lora(unet: torch.nn.Module, cfg: LoraConfig, adapter_name: str = "d
     """
     names = _target_names(unet, UNET_TARGETS[cfg.targets], with_conv=cfg.targets == "all")
     spatial = [re.escape(name) for name in names if _is_spatial_conv(unet.get_submodule(name))]
-    config = PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names, init_lora_weights=True,
-        rank_pattern={name: cfg.conv_rank for name in spatial}, alpha_pattern={name: cfg.conv_alpha for name in spatial})
+    config = adapter_config(cfg, cfg.rank, cfg.alpha, names, rank_pattern={name: cfg.conv_rank for name in spatial},
+                            alpha_pattern={name: cfg.conv_alpha for name in spatial})
     _inject(unet, config, adapter_name)
 
 
@@ -61,21 +69,33 @@ def add_text_encoder_lora(text_encoder: torch.nn.Module, cfg: LoraConfig, adapte
     """
     rank = cfg.text_encoder_rank or cfg.rank
     names = _target_names(text_encoder, TEXT_ENCODER_TARGETS[cfg.targets], with_conv=False)
-    config = PeftLoraConfig(r=rank, lora_alpha=cfg.alpha * rank / cfg.rank, lora_dropout=cfg.dropout,
-                            target_modules=names, init_lora_weights=True)
+    config = adapter_config(cfg, rank, cfg.alpha * rank / cfg.rank, names)
     _inject(text_encoder, config, adapter_name)
 
 
-def lora_layers(module: torch.nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
-    """The adapted layers of `module` that carry `adapter_name`, by their module path."""
-    return {name: layer for name, layer in module.named_modules()
-            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A}
+def adapter_config(cfg: LoraConfig, rank: int, alpha: float, names: list[str], *, rank_pattern=None,
+                   alpha_pattern=None) -> PeftConfig:
+    """peft's config for `cfg.algorithm`, every kind starting as the identity (the base model unchanged)."""
+    common = {"r": rank, "target_modules": names, "rank_pattern": rank_pattern or {},
+              "alpha_pattern": alpha_pattern or {}}
+    if cfg.algorithm == "loha":
+        # use_effective_conv2d off: convolutions keep the plain (out, in*k*k) factors every LyCORIS loader reads.
+        return LoHaConfig(alpha=alpha, use_effective_conv2d=False, init_weights=True, **common)
+    if cfg.algorithm == "lokr":
+        return LoKrConfig(alpha=alpha, decompose_factor=cfg.lokr_factor, decompose_both=False,
+                          use_effective_conv2d=False, init_weights=True, **common)
+    return PeftLoraConfig(lora_alpha=alpha, lora_dropout=cfg.dropout, init_lora_weights=True, **common)
+
+
+def lora_layers(module: torch.nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer | LycorisLayer]:
+    """The adapted layers of `module` (LoRA, LoHa or LoKr) that carry `adapter_name`, by their module path."""
+    return {name: layer for name, layer in module.named_modules() if _carries(layer, adapter_name)}
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Every LoRA weight in `module` (all adapters), for the optimizer."""
-    return [p for layer in module.modules() if isinstance(layer, LoraLayer)
-            for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())]
+    """Every adapter weight in `module` (all adapters), for the optimizer."""
+    return [p for layer in module.modules() if isinstance(layer, (LoraLayer, LycorisLayer))
+            for attribute in layer.adapter_layer_names for p in getattr(layer, attribute).parameters()]
 
 
 def lora_state(module: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -101,6 +121,12 @@ def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor], ada
             "resume with the rank, targets and text-encoder settings the checkpoint was made with, or start a new run",
             where="lora")
     set_peft_model_state_dict(module, state, adapter_name=adapter_name)
+
+
+def _carries(layer: torch.nn.Module, adapter_name: str) -> bool:
+    if isinstance(layer, LoraLayer):
+        return adapter_name in layer.lora_A
+    return isinstance(layer, LycorisLayer) and adapter_name in layer._available_adapters
 
 
 def _target_names(module: torch.nn.Module, endings: tuple[str, ...], *, with_conv: bool) -> list[str]:

@@ -20,6 +20,10 @@ Method = Literal["lora", "full", "textual_inversion", "controlnet", "ddpo"]
 METHODS: tuple[str, ...] = get_args(Method)
 METHODS_WITHOUT_IMAGES: tuple[str, ...] = ("ddpo",)
 """Methods that make their own training data (DDPO samples from the model) and need no image folder."""
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "schedulefree_adamw", "adafactor"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+Algorithm = Literal["lora", "loha", "lokr"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 
 
 @dataclass
@@ -78,10 +82,15 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
+    algorithm: Algorithm = "lora"
+    """The adapter: lora (low-rank update; with targets = all also on convolutions: LoCon), loha (LyCORIS's
+    Hadamard product of two low-rank pairs: more expressive at the same size), lokr (LyCORIS's Kronecker product:
+    very small files). All are written in the kohya/LyCORIS layout that ComfyUI, A1111 and Forge load."""
     rank: int = 16
-    """LoRA rank (dimension): 4-16 for a subject, 32-128 for a style."""
+    """Adapter rank (dimension): 4-16 for a subject, 32-128 for a style (LoHa: half of a LoRA's rank is as big)."""
     alpha: float = 16.0
-    """LoRA alpha; the update is scaled by alpha / rank."""
+    """Adapter alpha; the update is scaled by alpha / rank (LoKr: where a factor is low-rank; full factors are not
+    scaled)."""
     targets: Literal["attention", "attention_ff", "all_linear", "all"] = "attention"
     """attention: q/k/v/out; attention_ff: + feed-forward; all_linear: + proj_in/out and time embeddings;
     all: + conv layers (LoCon) with conv_rank/conv_alpha."""
@@ -90,7 +99,10 @@ class LoraConfig:
     conv_alpha: float = 8.0
     """Alpha of the conv layers' LoRA."""
     dropout: float = 0.0
-    """Dropout on the LoRA path, 0-1."""
+    """Dropout on the LoRA path, 0-1 (algorithm lora only)."""
+    lokr_factor: int = -1
+    """LoKr: the size of the Kronecker product's first (small) factor per side; -1 = the most balanced split of
+    each layer's width (LyCORIS's default); e.g. 8 or 16 for smaller files."""
     train_text_encoder: bool = False
     """Also put LoRA on the text encoder(s) (CLIP-L; both for SDXL)."""
     text_encoder_rank: int = 0
@@ -206,17 +218,21 @@ class TrainConfig:
     gradient_accumulation: int = 1
     """Steps whose gradients are summed before one optimizer step (a larger effective batch)."""
     learning_rate: float = 0.0
-    """0 = the method's default."""
+    """0 = the optimizer's default: 1.0 for prodigy (it finds its own step size), 1e-2 for adafactor (a relative
+    step), the method's default for the AdamW kinds (1e-4 for LoRA); a value set here always wins."""
     text_encoder_lr: float = 0.0
     """0 = the UNet's learning rate (when the text encoder is trained)."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial"] = "constant_with_warmup"
-    """How the learning rate changes over the steps."""
+    """How the learning rate changes over the steps. schedulefree_adamw needs no schedule: constant or
+    constant_with_warmup (both mean the optimizer's own warmup of `warmup_steps`)."""
     warmup_steps: int = -1
     """-1 = 5% of the steps."""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """adamw, or adamw8bit (bitsandbytes, CUDA only: less memory)."""
+    optimizer: Optimizer = "adamw"
+    """adamw; adamw8bit (bitsandbytes, CUDA only: less memory); prodigy (prodigyopt: finds its own step size, no
+    learning rate to tune); schedulefree_adamw (schedulefree: no schedule to tune, samples and the result use its
+    averaged weights); adafactor (factored second moments: a full fine-tune in less memory)."""
     weight_decay: float = 1e-2
-    """AdamW weight decay."""
+    """Decoupled weight decay of the optimizer."""
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 = off."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
@@ -332,7 +348,7 @@ class Config:
         if t.steps <= 0:
             t.steps = DDPO_DEFAULT_EPOCHS * ddpo_steps_per_epoch(cfg) if t.method == "ddpo" else default_steps(num_images)
         if t.learning_rate <= 0:
-            t.learning_rate = DEFAULT_LEARNING_RATES[t.method]
+            t.learning_rate = OPTIMIZER_LEARNING_RATES.get(t.optimizer, DEFAULT_LEARNING_RATES[t.method])
         if t.text_encoder_lr <= 0:
             t.text_encoder_lr = t.learning_rate / 2 if t.method == "lora" else t.learning_rate
         if t.warmup_steps < 0:
@@ -350,6 +366,18 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "controlnet": 1e-5,
     "ddpo": 3e-4,
 }
+
+
+OPTIMIZER_LEARNING_RATES: dict[str, float] = {"prodigy": 1.0, "adafactor": 1e-2}
+"""Optimizers whose own default learning rate replaces the method's (the libraries' defaults)."""
+
+
+def learning_rate_origin(cfg: "Config") -> str:
+    """Where the run's learning rate comes from, as the plan prints it."""
+    t = cfg.train
+    if t.learning_rate > 0:
+        return "set"
+    return f"{t.optimizer}'s default" if t.optimizer in OPTIMIZER_LEARNING_RATES else f"{t.method}'s default"
 
 
 def default_steps(num_images: int) -> int:
@@ -404,8 +432,11 @@ def validate(cfg: Config) -> None:
     for name in ("learning_rate", "text_encoder_lr"):
         value = getattr(t, name)
         _check(math.isfinite(value) and value >= 0, f"train.{name}", f"must be a positive number, got {value}",
-               f"use e.g. {DEFAULT_LEARNING_RATES.get(t.method, 1e-4):.0e}, or 0 for the method's default"
+               f"use e.g. {DEFAULT_LEARNING_RATES.get(t.method, 1e-4):.0e}, or 0 for the default"
                .replace("e-0", "e-"))
+    _check(t.optimizer != "schedulefree_adamw" or t.lr_scheduler in ("constant", "constant_with_warmup"),
+           "train.lr_scheduler", f"schedulefree_adamw replaces the learning-rate schedule, got {t.lr_scheduler}",
+           "use constant_with_warmup (the warmup is the optimizer's own), or another optimizer")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must not be negative, got {t.max_grad_norm}", "use 1.0, or 0 to disable")
     _check(t.min_snr_gamma >= 0, "train.min_snr_gamma", f"must not be negative, got {t.min_snr_gamma}", "use 5, or 0 to disable")
     _check(0.0 <= t.noise_offset <= 1.0, "train.noise_offset", f"must be in [0, 1], got {t.noise_offset}", "use e.g. 0.05")
@@ -415,6 +446,10 @@ def validate(cfg: Config) -> None:
     _check(lo.conv_alpha > 0, "lora.conv_alpha", f"must be positive, got {lo.conv_alpha}", "use e.g. 8")
     _check(lo.text_encoder_rank >= 0, "lora.text_encoder_rank", f"must not be negative, got {lo.text_encoder_rank}", "use 0 for the UNet rank")
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}", "use 0 or e.g. 0.1")
+    _check(lo.dropout == 0 or lo.algorithm == "lora", "lora.dropout", f"is for algorithm lora, not {lo.algorithm}",
+           "set lora.dropout to 0")
+    _check(lo.lokr_factor == -1 or lo.lokr_factor >= 1, "lora.lokr_factor", f"must be -1 or at least 1, got "
+           f"{lo.lokr_factor}", "use -1 (balanced), or e.g. 8")
     if db.enabled:
         _check(db.num_class_images >= 1 or not db.prior_preservation, "dreambooth.num_class_images",
                f"must be at least 1 with prior preservation, got {db.num_class_images}", "use e.g. 50-200")

@@ -1,5 +1,5 @@
-"""ComfyUI loads our kohya LoRA files: every key is used, and its patched UNet and CLIP compute what diffusers
-computes with the same LoRA active.
+"""ComfyUI loads our kohya LoRA files, and our LyCORIS LoHa and LoKr files: every key is used, and its patched UNet
+and CLIP compute what diffusers computes with the same adapter active.
 
 ComfyUI runs in this process through its own loaders (`comfy.sd.load_checkpoint_guess_config`,
 `comfy.sd.load_lora_for_models`), on the CPU and in fp32, on the tiny ComfyUI-loadable checkpoints of
@@ -8,6 +8,7 @@ scripts/tiny_models.py; the same file is loaded for diffusers by `load_base_mode
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import sys
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from scripts import host, tiny_models
+
 from trainers.adapters import add_text_encoder_lora, add_unet_lora, lora_layers, lora_parameters
 from trainers.config import LoraConfig, ModelConfig
 from trainers.export.lora import kohya_lora_state, save_lora
@@ -33,6 +35,7 @@ TOLERANCE = 1e-3  # relative error in fp32
 @dataclass
 class Case:
     family: str
+    algorithm: str
     base: BaseModel
     """diffusers modules with our LoRA active"""
     lora_path: Path
@@ -69,16 +72,15 @@ def import_comfy():
     return sys.modules["comfy"]
 
 
-def fp16_exact_random_lora(*modules: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero up weights (peft starts them at zero) and every LoRA value representable in fp16, so that the fp16
-    file holds exactly what diffusers computes with."""
+def fp16_exact_random_lora(*modules: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Non-zero weights where the adapter starts at zero (LoRA's up, LoHa's second pair, LoKr's first factor), and
+    every adapter value representable in fp16, so that the fp16 file holds what diffusers computes with."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in modules:
-            for layer in lora_layers(module).values():
-                up = layer.lora_B["default"].weight
-                up.copy_(torch.randn(up.shape, generator=generator) * 0.05)
             for p in lora_parameters(module):
+                if not p.any():
+                    p.copy_(torch.randn(p.shape, generator=generator) * scale)
                 p.copy_(p.half().float())
 
 
@@ -102,24 +104,42 @@ class Captured(logging.Handler):
         self.into.append(record.getMessage())
 
 
-@pytest.fixture(scope="module", params=["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
+CASES = [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"),
+         pytest.param(("sdxl", "lora"), marks=pytest.mark.slow), pytest.param(("sdxl", "lokr"), marks=pytest.mark.slow)]
+"""Every algorithm on SD1.5; LoRA and LoKr on the tiny SDXL (last: it takes several GB, and is loaded once)."""
+_COMFY_MODELS: dict[str, tuple] = {}
+
+
+def comfy_models(comfy, family: str, checkpoint: Path) -> tuple:
+    """ComfyUI's model and CLIP of `family`'s tiny checkpoint, loaded once (a LoRA patches clones of them); only one
+    family is kept."""
+    if family not in _COMFY_MODELS:
+        _COMFY_MODELS.clear()
+        fp32 = {"dtype": torch.float32}
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False,
+                                                                  model_options=fp32, te_model_options=fp32)
+        _COMFY_MODELS[family] = model, clip
+    return _COMFY_MODELS[family]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(case))
 def case(request, tmp_path_factory) -> Case:
-    family = request.param
+    family, algorithm = request.param
     comfy = import_comfy()
     checkpoint = tiny_models.comfy_checkpoint(family)
 
     base = load_base_model(ModelConfig(base=str(checkpoint)), dtype=torch.float32)
-    add_unet_lora(base.unet, LORA)
+    settings = dataclasses.replace(LORA, algorithm=algorithm, lokr_factor=8)
+    add_unet_lora(base.unet, settings)
     for text_encoder in base.text_encoders:
-        add_text_encoder_lora(text_encoder, LORA)
-    fp16_exact_random_lora(base.unet, *base.text_encoders)
+        add_text_encoder_lora(text_encoder, settings)
+    # LoHa's and LoKr's zero-started factor multiplies other small factors: larger values make a visible change
+    fp16_exact_random_lora(base.unet, *base.text_encoders, scale=0.05 if algorithm == "lora" else 0.5)
     state = kohya_lora_state(base.unet, base.text_encoders, te_prefixes=base.family.kohya_text_encoder_prefixes)
-    lora_path = save_lora(tmp_path_factory.mktemp("lora") / f"{family}.safetensors", state,
-                          {"modelspec.title": f"{family} test"})
+    lora_path = save_lora(tmp_path_factory.mktemp("lora") / f"{family}-{algorithm}.safetensors", state,
+                          {"modelspec.title": f"{family} {algorithm} test"})
 
-    fp32 = {"dtype": torch.float32}
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False,
-                                                              model_options=fp32, te_model_options=fp32)
+    model, clip = comfy_models(comfy, family, checkpoint)
     log: list[str] = []
     handler = Captured(log)
     logging.getLogger().addHandler(handler)
@@ -128,7 +148,7 @@ def case(request, tmp_path_factory) -> Case:
         patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     finally:
         logging.getLogger().removeHandler(handler)
-    return Case(family, base, lora_path, comfy, model, clip, patched_model, patched_clip, log)
+    return Case(family, algorithm, base, lora_path, comfy, model, clip, patched_model, patched_clip, log)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -146,8 +166,10 @@ def test_comfyui_uses_every_key_of_the_file(case: Case):
     modules = {key.split(".", 1)[0] for key in lora}
     unet_modules = {m for m in modules if m.startswith("lora_unet_")}
     assert len(unet_modules) == len(lora_layers(case.base.unet))
-    assert any(lora[f"{m}.lora_down.weight"].ndim == 4 and lora[f"{m}.lora_down.weight"].shape[-1] == 3
-               for m in unet_modules)  # LoCon convolutions are in the file...
+    convolutions = [m for m in unet_modules if "resnets" in m and m.endswith(("_conv1", "_conv2"))]
+    assert convolutions  # convolutions (LoCon, or LoHa/LoKr on convolutions) are in the file...
+    if case.algorithm == "lora":
+        assert all(lora[f"{m}.lora_down.weight"].shape[-1] == 3 for m in convolutions)
     assert len(patches) == len(modules)  # ...and every module, UNet and text encoders, maps onto a weight
     patched = set(case.patched_model.patches) | set(case.patched_clip.patcher.patches)
     assert set(patches) <= patched

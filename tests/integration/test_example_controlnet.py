@@ -48,7 +48,7 @@ def test_example_3_runs_end_to_end(comfy, comfy_server, comfyui_dir, tiny_checkp
     assert sorted(saved) == ["lora_controlnet", "lora_img2img", "lora_inpaint"]
     assert all(Image.open(path).size == (SIDE, SIDE) for path in saved.values())
     [report] = [output["text"][0] for output in result.outputs.values() if "text" in output]
-    assert report.startswith(f"{LORA_NAME} (SD1.x) on SD1.x (SD15): 32 model layers")
+    assert report.startswith(f"{LORA_NAME} (SD1.x LoRA) on SD1.x (SD15): 32 model layers")
     control_types = {node["class_type"] for node in graph.values()}
     assert {"VAEEncode", "SetLatentNoiseMask", "FinetuneControlNetCondition"} <= control_types
     denoise = sorted(node["inputs"]["denoise"] for node in graph.values() if node["class_type"] == "KSampler")

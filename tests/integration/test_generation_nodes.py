@@ -207,7 +207,7 @@ def test_apply_lora_reports_the_layers_it_patched_and_changes_the_image(comfy, c
 
     assert result.status == "success", result.error
     report = shown_text(result, "report")
-    assert report.startswith(f"{loras['sd1']} (SD1.x) on SD1.x (SD15): 32 model layers (strength 1) and 48 "
+    assert report.startswith(f"{loras['sd1']} (SD1.x LoRA) on SD1.x (SD15): 32 model layers (strength 1) and 48 "
                              "text-encoder layers (strength 1) patched"), report
     assert "skipped" not in report
     with_it = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255

@@ -2,7 +2,8 @@
 
 kohya layout: `lora_unet_<diffusers module path, "." -> "_">` and `lora_te_` / `lora_te1_` / `lora_te2_` +
 `text_model_encoder_layers_<i>_<module>`, each with `.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`;
-a convolution's down is a k x k conv and its up a 1x1 conv (LoCon). ComfyUI maps these names through
+a convolution's down is a k x k conv and its up a 1x1 conv (LoCon). LoHa and LoKr modules carry LyCORIS's
+`.hada_w1_a`... / `.lokr_w1`... weights instead of down/up, under the same module names. ComfyUI maps these names through
 `comfy.lora.model_lora_keys_unet` / `model_lora_keys_clip`. diffusers' own `convert_state_dict_to_kohya` is not used:
 it writes alpha = rank and names SD1's text encoder `lora_te1`.
 """
@@ -87,6 +88,19 @@ def save_peft_lora(folder: Path, unet: torch.nn.Module | None, text_encoders: li
     return folder
 
 
+ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def lora_algorithm(state: dict[str, torch.Tensor]) -> str:
+    """"lora", "loha" or "lokr", from the weights' names (a file from any trainer may mix them; the first tells)."""
+    for key in state:
+        if ".hada_" in key:
+            return "loha"
+        if ".lokr_" in key:
+            return "lokr"
+    return "lora"
+
+
 def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """"sd1", "sd2" or "sdxl": what the metadata says, else what the keys and shapes show; None if neither tells."""
     return _family_from_metadata(metadata) or _family_from_keys(state)
@@ -98,9 +112,25 @@ def _flat(module_path: str) -> str:
 
 
 def _put_layer(state: dict[str, torch.Tensor], key: str, layer, adapter_name: str, dtype: torch.dtype) -> None:
-    state[f"{key}.lora_down.weight"] = layer.lora_A[adapter_name].weight.detach().to(dtype).contiguous()
-    state[f"{key}.lora_up.weight"] = layer.lora_B[adapter_name].weight.detach().to(dtype).contiguous()
-    state[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter_name]), dtype=torch.float32)
+    if hasattr(layer, "lora_A"):
+        weights = {"lora_down.weight": layer.lora_A[adapter_name].weight, "lora_up.weight": layer.lora_B[adapter_name].weight}
+        alpha = layer.lora_alpha[adapter_name]
+    else:
+        weights, alpha = _lycoris_weights(layer, adapter_name), layer.alpha[adapter_name]
+    for name, value in weights.items():
+        state[f"{key}.{name}"] = value.detach().to(dtype).contiguous()
+    state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+
+
+def _lycoris_weights(layer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """A peft LoHa/LoKr layer's weights under LyCORIS's names (peft uses the same names and shapes). Loaders scale a
+    LoKr by alpha / rank only when one factor is low-rank; peft scales always, so a LoKr of two full factors carries
+    peft's scale in its first factor."""
+    weights = {name: getattr(layer, name)[adapter_name] for name in layer.adapter_layer_names
+               if adapter_name in getattr(layer, name)}
+    if "lokr_w1" in weights and "lokr_w2" in weights:
+        weights["lokr_w1"] = weights["lokr_w1"] * layer.scaling[adapter_name]
+    return weights
 
 
 _ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))

@@ -30,7 +30,7 @@ def lora_metadata(cfg: Config, *, family_name: str, prediction_type: str, steps_
     metadata.update(_modelspec(cfg, family_name, prediction_type, finished_at, adapter="lora",
                                implementation=_LORA_IMPLEMENTATION))
     metadata.update({
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if lora.algorithm == "lora" else "lycoris.kohya",
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),
         "ss_network_dropout": str(float(lora.dropout)),
@@ -38,9 +38,18 @@ def lora_metadata(cfg: Config, *, family_name: str, prediction_type: str, steps_
         "ss_text_encoder_lr": str(train.text_encoder_lr if lora.train_text_encoder else 0.0),
         "ss_network_train_unet_only": str(not lora.train_text_encoder),
     })
-    if lora.targets == "all":
-        metadata["ss_network_args"] = json.dumps({"conv_dim": str(lora.conv_rank), "conv_alpha": str(float(lora.conv_alpha))})
+    metadata.update(_network_args(lora))
     return metadata
+
+
+def _network_args(lora) -> dict[str, str]:
+    """ss_network_args as kohya's LoCon and LyCORIS's kohya module write them (LyCORIS names its algorithm `algo`)."""
+    args = {"conv_dim": str(lora.conv_rank), "conv_alpha": str(float(lora.conv_alpha))} if lora.targets == "all" else {}
+    if lora.algorithm != "lora":
+        args = {"algo": lora.algorithm, **args}
+    if lora.algorithm == "lokr":
+        args["factor"] = str(lora.lokr_factor)
+    return {"ss_network_args": json.dumps(args)} if args else {}
 
 
 def checkpoint_metadata(cfg: Config, *, family_name: str, prediction_type: str, steps_done: int, num_images: int,
