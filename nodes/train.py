@@ -64,7 +64,6 @@ def base_inputs(methods: dict[str, bool], default_name: str) -> tuple[list, list
                      tooltip="Training steps; 0 = automatic (100 per image, 400 to 1200)."),
     ]
     tail = [
-        optimizer_input(),
         learning_rate_input("1e-4 for LoRA, 2e-6 for a full fine-tune"),
         io.Int.Input("resolution", default=0, min=0, max=4096, step=64,
                      tooltip="Training side length; 0 = the one set on Load Training Images."),
@@ -86,6 +85,7 @@ def base_inputs(methods: dict[str, bool], default_name: str) -> tuple[list, list
         io.String.Input("advanced", multiline=True, default="", optional=True, placeholder=ADVANCED_EXAMPLE,
                         tooltip="More trainer settings as TOML or JSON, by section: [data] [train] [lora] [full] "
                                 "[dreambooth] [output] (see the README's config reference)."),
+        optimizer_input(),  # inputs added later go last: a saved graph's widget values stay in their places
     ]
     return head + tail, closing
 
@@ -123,13 +123,12 @@ class TrainLoRA(TrainingNode):
             description="Train a LoRA on your images in a separate process: live progress and samples, Cancel keeps "
                         "a checkpoint and the next queue resumes it, an unchanged graph reuses the finished LoRA.",
             inputs=[*common,
-                    algorithm_input(),
                     io.Int.Input("rank", default=16, min=1, max=256,
                                  tooltip="LoRA size: 4-8 for a face or object, 16-32 for a style; larger learns more "
                                          "detail and makes a bigger file."),
                     io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
                                    tooltip="Scales the LoRA's effect while training; the rank or half of it is usual."),
-                    *closing],
+                    *closing, algorithm_input()],
             outputs=[
                 LoraType.Output("lora", display_name="lora", tooltip="The trained LoRA, for Apply LoRA."),
                 io.String.Output("lora_name", display_name="lora_name",

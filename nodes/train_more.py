@@ -60,7 +60,6 @@ def checkpoint_input() -> io.Combo.Input:
 def run_inputs(default_name: str, default_lr: str, *, samples: str | None) -> list:
     """steps, learning rate, batch, seed, name, sample prompts (when `samples` is their default) and advanced."""
     inputs = [
-        optimizer_input(),
         learning_rate_input(default_lr),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step: smoother, more memory."),
         io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFF, control_after_generate=False,
@@ -78,7 +77,8 @@ def run_inputs(default_name: str, default_lr: str, *, samples: str | None) -> li
         ]
     return inputs + [io.String.Input("advanced", multiline=True, default="", optional=True,
                                      tooltip="More trainer settings as TOML or JSON, by section (see the README's "
-                                             "config reference).")]
+                                             "config reference)."),
+                     optimizer_input()]  # inputs added later go last: a saved graph's widget values stay in place
 
 
 def method_job(node: type[io.ComfyNode], kind: str, inputs: dict[str, Any], settings: dict[str, Any],
@@ -378,12 +378,12 @@ class TrainDDPO(TrainingNode):
                 io.Float.Input("guidance", default=5.0, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance while sampling (1 = none, twice as fast)."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Side of sampled images."),
-                algorithm_input(),
                 io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA size."),
                 *run_inputs("my_ddpo_lora", "3e-4", samples="{first prompt}"),
                 RewardType.Input("reward_model", optional=True,
                                  tooltip="A reward from DDPO Reward (aesthetic, CLIP or BLIP score: needs a model) or "
                                          "from DDPO Reference Reward (look like images in the graph)."),
+                algorithm_input(),
             ],
             outputs=[
                 LoraType.Output("lora", display_name="lora", tooltip="The trained LoRA, for Apply LoRA."),
