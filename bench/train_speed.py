@@ -1,11 +1,13 @@
 """Training speed and memory on a CPU, side by side: our trainer with and without caching, and ComfyUI's native
 `TrainLoraNode` through a real ComfyUI server, on the same tiny SD1.5, images, steps, rank, learning rate and batch.
 
-    python bench/train_speed.py [--steps 28] [--warmup 8] [--repeats 2] [--threads auto] [--profile]
+    python bench/train_speed.py [--steps 28] [--warmup 8] [--repeats 2] [--threads auto] [--algorithms loha,lokr]
+                                [--profile]
 
 The variants run interleaved (their order rotates every repeat) so that a busy machine slows them alike; each
 number is the median over the repeats, and the CPU time per step is reported beside the wall time. Goal: our cached
-trainer at most half the native seconds per step, with no more peak memory. When the goal is missed (or with
+trainer at most half the native seconds per step, with no more peak memory. A row per other adapter algorithm
+(cached, same rank and targets) shows its s/step and memory against our LoRA. When the goal is missed (or with
 --profile), one more cached run under cProfile shows where the time goes.
 """
 
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         OURS_UNCACHED: write_config(work / "uncached.json", setup, run_root=work / "runs", name="uncached",
                                     cache=False),
     }
+    for algorithm in args.algorithms:
+        configs[algorithm_variant(algorithm)] = write_config(work / f"{algorithm}.json", setup, run_root=work / "runs",
+                                                             name=algorithm, cache=True, lora={"algorithm": algorithm})
     print(f"train_speed: {args.images} images {args.size}x{args.size}, rank {args.rank}, batch {args.batch}, fp32, "
           f"{args.steps} steps (the first {args.warmup} not timed), {args.repeats} repeat(s); {machine()}; "
           f"{threads or 'default'} thread(s) per trainer, load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_interleaved(args: argparse.Namespace, setup: Setup, configs: dict[str, Path], env: dict[str, str],
                     work: Path) -> dict[str, Variant]:
     """Every variant once per repeat, the order rotating, so a machine that gets busier slows them alike."""
-    order = [OURS_CACHED, OURS_UNCACHED] + ([] if args.skip_native else [NATIVE])
+    order = list(configs) + ([] if args.skip_native else [NATIVE])
     variants = {name: Variant(name) for name in order}
     floor = trainer_floor_rss(env)
     if not args.skip_native:
@@ -155,14 +160,21 @@ def prepare_setup(args: argparse.Namespace, work: Path) -> Setup:
 
 def results_table(variants: dict[str, Variant], native: Variant | None, batch: int) -> str:
     rows = []
+    lora = variants[OURS_CACHED]
     for v in variants.values():
         samples = batch / v.step if v.step else None
         rows.append([v.name, fmt(v.step), fmt(samples, 2), fmt(v.cpu_step), fmt_mb(v.peak), fmt_mb(v.training_rss),
                      fmt_mb(v.stepping_over_floor), ratio(v.step, native.step if native else None),
                      ratio(v.cpu_step, native.cpu_step if native else None),
-                     ratio(v.training_rss, native.training_rss if native else None)])
+                     ratio(v.training_rss, native.training_rss if native else None),
+                     ratio(v.step, lora.step), ratio(v.training_rss, lora.training_rss)])
     return table(["variant", "s/step", "samples/s", "CPU s/step", "peak RSS MB", "training RSS MB",
-                  "while stepping MB", "s/step vs native", "CPU s/step vs native", "training RSS vs native"], rows)
+                  "while stepping MB", "s/step vs native", "CPU s/step vs native", "training RSS vs native",
+                  "s/step vs our LoRA", "training RSS vs our LoRA"], rows)
+
+
+def algorithm_variant(algorithm: str) -> str:
+    return f"ours, cached, {algorithm}"
 
 
 def report_goal(ours: Variant, native: Variant | None, args: argparse.Namespace) -> bool | None:
@@ -214,6 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the native node's gradient_checkpointing input (default on, the node's default)")
     parser.add_argument("--skip-native", action="store_true", help="only our two variants (no ComfyUI server)")
     parser.add_argument("--profile", action="store_true", help="profile our cached trainer even when the goal is met")
+    parser.add_argument("--algorithms", default="loha,lokr", type=lambda text: [a for a in text.split(",") if a],
+                        help="adapter algorithms measured beside LoRA, cached (default loha,lokr; empty for none)")
     return parser.parse_args(argv)
 
 

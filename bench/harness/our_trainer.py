@@ -45,14 +45,15 @@ class TrainerRun:
     last_event: dict[str, Any] = field(default_factory=dict)
 
 
-def write_config(path: Path, setup: Setup, *, run_root: Path, name: str, cache: bool, **extra_train: Any) -> Path:
+def write_config(path: Path, setup: Setup, *, run_root: Path, name: str, cache: bool, lora: dict | None = None,
+                 **extra_train: Any) -> Path:
     config = {
         "model": {"base": str(setup.checkpoint)},
         "data": {"folder": str(setup.images), "resolution": setup.resolution, "buckets": False},
         "train": {"steps": setup.steps, "batch_size": setup.batch_size, "learning_rate": setup.learning_rate,
                   "mixed_precision": "no", "seed": setup.seed, "cache_latents": cache,
                   "cache_text_embeddings": cache, **extra_train},
-        "lora": {"rank": setup.rank, "alpha": float(setup.rank)},
+        "lora": {"rank": setup.rank, "alpha": float(setup.rank), **(lora or {})},
         "output": {"dir": str(run_root), "name": name, "overwrite": True, "tensorboard": False},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The training examples, as saved by ComfyUI's frontend, run on a real server with the tiny checkpoint: example 1 is
 cancelled mid-training, resumes from its checkpoint, finishes, and is then reused without training; example 2
-(DreamBooth with prior preservation) runs end to end.
+(DreamBooth with prior preservation) and example 7 (LoKr with Prodigy) run end to end.
 
 Only what a tiny CPU run needs is changed: the checkpoint, the image folder, step counts, the resolution, a learning
 rate high enough for a few steps to change the images, and no sample images where none are checked."""
@@ -159,6 +159,36 @@ def test_example_2_dreambooth_with_prior_preservation_runs(comfy, comfy_server, 
         assert "generating class images 2/2" in log
         assert len(record["outputs"]["samples"]) == 1
         assert len(saved_images(result, graph, comfy_server)) == 1
+    finally:
+        lora.unlink(missing_ok=True)
+
+
+def test_example_7_lokr_with_prodigy_runs_and_loads_in_comfyui(comfy, comfy_server, comfyui_dir, tiny_checkpoint,
+                                                               photos):
+    from safetensors import safe_open
+
+    run_name = unique_name("example_7")
+    graph = shrink(example_graph(comfy, "07_lokr_prodigy.json"), tiny_checkpoint, photos, run_name=run_name,
+                   steps=2, advanced=TINY_RUN + "[lora]\nlokr_factor = 8\n", samples=False)
+    [train] = nodes_of(graph, "FinetuneTrainLoRA")
+    assert (train["algorithm"], train["optimizer"]) == ("lokr", "prodigy")
+    train["learning_rate"] = 0.0  # the example's own: Prodigy's default
+
+    result = comfy.run(graph, timeout=900)
+
+    assert result.status == "success", result.error
+    [record] = run_records(comfy_server, run_name)
+    lora = comfyui_dir / "models" / "loras" / record["outputs"]["lora"]
+    try:
+        log = [json.loads(line) for line in
+               (comfy_server.output_dir / "finetune" / record["id"] / "events.jsonl").read_text().splitlines()]
+        plan = next(e for e in log if e["event"] == "plan")
+        assert (plan["optimizer"], plan["learning_rate"], plan["learning_rate_from"]) == ("prodigy", 1.0,
+                                                                                         "prodigy's default")
+        with safe_open(str(lora), "pt") as f:
+            assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+            assert any(".lokr_w1" in key for key in f.keys())
+        assert comfy.run(stock_lora_graph(tiny_checkpoint, lora.name), timeout=300).status == "success"
     finally:
         lora.unlink(missing_ok=True)
 
