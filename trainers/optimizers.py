@@ -24,9 +24,7 @@ PACKAGES = {"prodigy": ("prodigyopt", "prodigyopt>=1.1"), "schedulefree_adamw": 
 def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     train = cfg.train
     name = train.optimizer
-    if name == "adamw8bit" and not torch.cuda.is_available():
-        raise ConfigError("8-bit Adam needs a CUDA GPU", "use optimizer adamw", where="train.optimizer")
-    package = _import(name)
+    package = check_available(name)
     if name == "adamw8bit":
         return package.optim.AdamW8bit(groups, weight_decay=train.weight_decay)
     if name == "prodigy":
@@ -55,9 +53,12 @@ def scheduler_warmup(cfg: Config) -> int:
     return 0 if cfg.train.optimizer == "schedulefree_adamw" else cfg.train.warmup_steps
 
 
-def check_available(name: str) -> None:
-    """A missing optional package fails with the pip command before any model is loaded."""
-    _import(name)
+def check_available(name: str):
+    """The optimizer's package (None for torch's own); a missing package or GPU fails with the fix before any model
+    is loaded."""
+    if name == "adamw8bit" and not torch.cuda.is_available():
+        raise ConfigError("8-bit Adam needs a CUDA GPU", "use optimizer adamw", where="train.optimizer")
+    return _import(name)
 
 
 @contextlib.contextmanager

@@ -123,3 +123,10 @@ def test_schedule_free_refuses_a_decaying_schedule(tmp_path, images):
     with pytest.raises(ConfigError, match="replaces the learning-rate schedule") as caught:
         make_plan(config(tmp_path, images, "schedulefree_adamw", train={"lr_scheduler": "cosine"}))
     assert caught.value.where == "train.lr_scheduler"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="8-bit Adam runs on a CUDA GPU")
+def test_8bit_adam_without_a_gpu_fails_in_the_plan(tmp_path, images):
+    with pytest.raises(ConfigError, match="needs a CUDA GPU") as caught:
+        make_plan(config(tmp_path, images, "adamw8bit"))
+    assert caught.value.where == "train.optimizer"
