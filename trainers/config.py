@@ -74,6 +74,12 @@ class DataConfig:
     """Smallest bucket side in pixels."""
     max_bucket_side: int = 0
     """0 = twice the resolution."""
+    masked_loss: bool = False
+    """Weight the loss per pixel by each image's mask so that what is outside it is not learned: `photo.mask.png`
+    beside `photo.jpg` (white = learn, black = ignore; same size as the image), else the image's alpha channel;
+    images with neither are learned whole. Masks follow crops, flips and buckets and are scaled to the latent."""
+    unmasked_share: float = 0.0
+    """With masked_loss: share of steps (per image, drawn from the seed) that learn the whole image, 0-1."""
     validation_folder: str = ""
     """Held-out images for the validation loss (not trained on)."""
     validation_fraction: float = 0.0
@@ -424,6 +430,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}", "use e.g. 0.05")
     _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",
            f"must be in [0, 1), got {d.validation_fraction}", "use e.g. 0.1, or 0 for none")
+    _check(0.0 <= d.unmasked_share <= 1.0, "data.unmasked_share", f"must be in [0, 1], got {d.unmasked_share}",
+           "use e.g. 0.1, or 0")
     _check(d.keep_tokens >= 0, "data.keep_tokens", f"must not be negative, got {d.keep_tokens}", "use 0 or more")
     _check(t.method in METHODS, "train.method", f"unknown method {t.method!r}", f"use one of {', '.join(METHODS)}")
     _check(t.steps >= 0, "train.steps", f"must not be negative, got {t.steps}", "use 0 for automatic, or a step count")

@@ -39,15 +39,28 @@ def training_target(scheduler: DDPMScheduler, latents, noise, timesteps) -> torc
     return noise
 
 
+def latent_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A pixel mask (B, 1, H, W) scaled to the latents' size: each latent position gets the mean of the pixels it
+    covers (a position half inside the mask learns at half weight)."""
+    return F.interpolate(mask.to(latents.device, torch.float32), size=latents.shape[-2:], mode="area")
+
+
 def denoising_loss(
     model_pred: torch.Tensor,
     target: torch.Tensor,
     timesteps: torch.Tensor,
     scheduler: DDPMScheduler,
     min_snr_gamma: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample MSE, weighted by min-SNR-gamma (Hang et al. 2023) when gamma > 0."""
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """Per-sample MSE, weighted by min-SNR-gamma (Hang et al. 2023) when gamma > 0. With a `mask` (B, 1, H, W) in
+    [0, 1] at the latents' size, each sample's MSE is the mask-weighted mean: positions where it is 0 add nothing."""
+    squared = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if mask is None:
+        loss = squared.mean(dim=(1, 2, 3))
+    else:
+        weights = mask.float().expand_as(squared)
+        loss = (squared * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp(min=1e-8)
     if min_snr_gamma > 0:
         snr = compute_snr(scheduler, timesteps).float()
         weight = torch.clamp(snr, max=min_snr_gamma) / snr

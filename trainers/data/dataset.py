@@ -13,13 +13,14 @@ import math
 import random
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from .buckets import BucketGrid, crop_offsets, resize_to_cover
 from .captions import CaptionRules, apply_caption_rules
-from .images import image_size, load_image, normalize_image, pil_to_uint8_tensor, uint8_to_pixels, upright_size
+from .images import image_size, load_image, load_mask, normalize_image, pil_to_uint8_tensor, uint8_to_pixels, upright_size
 from .sampler import BucketBatchSampler
 from .scan import DatasetScan, Item, scan_class_images, scan_dataset
 
@@ -45,6 +46,7 @@ class TrainingDataset(Dataset):
         self._buckets = [grid.assign(*size) for size in self._sizes]
         self._ends = list(itertools.accumulate(item.repeats for item in self.items))
         self._resized: dict[int, torch.Tensor] = {}
+        self._resized_masks: dict[int, torch.Tensor | None] = {}
 
     # ---- what the loop asks --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -72,25 +74,46 @@ class TrainingDataset(Dataset):
         item = self.item_index(index)
         flipped = self.cfg.flip and self._rng(index, "flip").random() < 0.5
         caption = apply_caption_rules(self.items[item].caption, self.rules, self._rng(index, "caption"))
-        return self._example(item, flipped, caption, self._rng(index, "crop"))
+        return self._example(item, flipped, caption, self._rng(index, "crop"), index)
 
     # ---- internals -----------------------------------------------------------------------------------------
     def _rng(self, index: int, purpose: str) -> random.Random:
         # String seeds are hashed with SHA-512 by `random`, so this is stable across processes and Python runs.
         return random.Random(f"{self.seed}/{self.epoch}/{index}/{purpose}")
 
-    def _example(self, item: int, flipped: bool, caption: str, crop_rng: random.Random | None) -> dict[str, Any]:
+    def _example(self, item: int, flipped: bool, caption: str, crop_rng: random.Random | None,
+                 index: int) -> dict[str, Any]:
         resized = self._resized_pixels(item)
         target_w, target_h = self._buckets[item]
         height, width = resized.shape[1:]
         top, left = crop_offsets((width, height), (target_w, target_h), self.cfg.crop, crop_rng)
         pixels = resized[:, top:top + target_h, left:left + target_w]
+        mask = self._mask(item, index)
+        if mask is not None:
+            mask = mask[:, top:top + target_h, left:left + target_w]
         if flipped:
             pixels = pixels.flip(-1)
+            mask = mask.flip(-1) if mask is not None else None
             left = width - left - target_w  # the crop as seen in the flipped image, as SDXL's conditioning expects
         original_w, original_h = self._sizes[item]
-        return {"pixels": uint8_to_pixels(pixels), "caption": caption, "original_size": (original_h, original_w),
-                "crop_top_left": (top, left), "target_size": (target_h, target_w), "item": item, "flipped": flipped}
+        example = {"pixels": uint8_to_pixels(pixels), "caption": caption, "original_size": (original_h, original_w),
+                   "crop_top_left": (top, left), "target_size": (target_h, target_w), "item": item, "flipped": flipped}
+        if self.cfg.masked_loss:
+            example["mask"] = mask.float().div_(255) if mask is not None else torch.ones(1, target_h, target_w)
+        return example
+
+    def _mask(self, item: int, index: int) -> torch.Tensor | None:
+        """(1, H, W) uint8 at the resized image's size, or None: no masked loss, no mask, or an unmasked step."""
+        source = self.items[item]
+        if not self.cfg.masked_loss or source.path is None:
+            return None
+        if self._rng(index, "unmasked").random() < self.cfg.unmasked_share:
+            return None
+        if item not in self._resized_masks:
+            mask = load_mask(source.path, self._sizes[item])
+            self._resized_masks[item] = (None if mask is None else
+                                         torch.from_numpy(np.array(resize_to_cover(mask, self._buckets[item])))[None])
+        return self._resized_masks[item]
 
     def _resized_pixels(self, item: int) -> torch.Tensor:
         """The item's image as (3, H, W) uint8, scaled to cover its bucket (cropping happens per step)."""
@@ -112,9 +135,12 @@ class TrainingDataset(Dataset):
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the pixels into (B, 3, H, W); every other field stays a list in batch order."""
+    """Stack the pixels into (B, 3, H, W) and loss masks into (B, 1, H, W); every other field stays a list in batch
+    order."""
     batch = {key: [example[key] for example in examples] for key in examples[0]}
     batch["pixels"] = torch.stack(batch["pixels"])
+    if "mask" in batch:
+        batch["mask"] = torch.stack(batch["mask"])
     return batch
 
 

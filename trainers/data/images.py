@@ -5,6 +5,8 @@ Every problem a user can fix (a broken, empty, tiny or absurdly large file) is r
 
 from __future__ import annotations
 
+import glob
+
 import io
 import struct
 import zlib
@@ -46,6 +48,33 @@ def load_image(path: str | Path, *, at_least: tuple[int, int] | None = None) -> 
             image.draft(None, (max(1, stored[0]), max(1, stored[1])))
         _decode(image, path)
         return normalize_image(image)
+
+
+MASK_SUFFIX = ".mask"
+"""`photo.mask.png` beside `photo.jpg` is photo's loss mask, not a training image."""
+
+
+def mask_file(image_path: Path) -> Path | None:
+    """The mask file beside `image_path` (`<stem>.mask.<any image extension>`), or None."""
+    found = sorted(p for p in image_path.parent.glob(f"{glob.escape(image_path.stem)}{MASK_SUFFIX}.*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return found[0] if found else None
+
+
+def load_mask(image_path: Path, size: tuple[int, int]) -> Image.Image | None:
+    """The loss mask of the image at `image_path` as an upright greyscale image of its `size` (white = learn): its
+    mask file, else its alpha channel; None when it has neither."""
+    path = mask_file(image_path)
+    with _open(path or image_path) as opened:
+        _decode(opened, path or image_path)
+        image = ImageOps.exif_transpose(opened)
+        if path is None:
+            return image.convert("RGBA").getchannel("A") if image.has_transparency_data else None
+        mask = image.convert("L")
+    if mask.size != size:
+        raise DataError(f"the mask is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}",
+                        "save the mask at the image's size", where=str(path))
+    return mask
 
 
 def probe_image(path: str | Path) -> tuple[int, int]:

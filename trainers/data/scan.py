@@ -21,7 +21,7 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .buckets import BucketGrid
 from .captions import default_caption, sidecar_caption
-from .images import IMAGE_EXTENSIONS, probe_image
+from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, probe_image
 
 MANIFEST_KEYS = ("image", "caption", "repeats")
 _UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".dng", ".cr2", ".cr3",
@@ -142,11 +142,20 @@ def _list_folder(folder: Path, field_name: str, *,
         for name in sorted(n for n in files if not n.startswith(".")):
             path = Path(root, name)
             suffix = path.suffix.lower()
-            if suffix in IMAGE_EXTENSIONS:
+            if suffix in IMAGE_EXTENSIONS and not _is_mask(path, files):
                 images.append(path)
             elif suffix in _UNSUPPORTED_IMAGE_EXTENSIONS:
                 unsupported.append((path, f"{suffix} images are not supported; convert it to PNG or JPEG"))
     return images, unsupported
+
+
+def _is_mask(path: Path, siblings: list[str]) -> bool:
+    """`photo.mask.png` is a mask when an image `photo.<ext>` is beside it."""
+    stem = path.stem
+    if not stem.lower().endswith(MASK_SUFFIX):
+        return False
+    image_stem = stem[:-len(MASK_SUFFIX)]
+    return any(Path(name).stem == image_stem and Path(name).suffix.lower() in IMAGE_EXTENSIONS for name in siblings)
 
 
 def _read_manifest(manifest: Path, cfg: DataConfig) -> list[Item]:

@@ -16,7 +16,7 @@ import torch
 from ..batches import BatchPreparer
 from ..config import Config
 from ..data.dataset import TrainingDataset
-from ..diffusion import denoising_loss, sample_noise, sample_timesteps, training_target
+from ..diffusion import denoising_loss, latent_mask, sample_noise, sample_timesteps, training_target
 from ..models.families import PromptEmbeds
 from ..models.loading import BaseModel
 
@@ -142,7 +142,8 @@ class Method(ABC):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = self.predict(noisy.to(unet_dtype), timesteps, embeds.to(latents.device, unet_dtype), batch)
         target = training_target(scheduler, latents, noise, timesteps)
-        return denoising_loss(pred, target, timesteps, scheduler, train.min_snr_gamma if snr_weighting else 0.0)
+        mask = latent_mask(batch["mask"], latents) if batch.get("mask") is not None else None
+        return denoising_loss(pred, target, timesteps, scheduler, train.min_snr_gamma if snr_weighting else 0.0, mask)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds,
                 batch: dict[str, Any]) -> torch.Tensor:
