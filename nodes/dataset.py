@@ -57,6 +57,12 @@ class LoadTrainingImages(io.ComfyNode):
                 io.String.Input("captions", multiline=True, default="", optional=True,
                                 tooltip="Captions for the `images` input: one line per image, or a single line for "
                                         "all of them. Ignored for a folder (use .txt files there)."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Loss masks for the `images` input (one, or one per image, at the images' "
+                                      "size): only where the mask is 1 is learned, so the background is not. From "
+                                      "a segmentation node, or Load Image's mask (the mask editor's painted area; "
+                                      "Invert Mask to learn the rest). For a folder, put photo.mask.png beside "
+                                      "photo.jpg and set [data] masked_loss = true in `advanced`."),
             ],
             outputs=[
                 DatasetType.Output("dataset", display_name="dataset",
@@ -96,11 +102,15 @@ class LoadTrainingImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder: str, path: str, repeats: int, resolution: int, crop: str, flip: bool, bucketing: bool,
-                images=None, captions: str = "") -> io.NodeOutput:
+                images=None, captions: str = "", masks=None) -> io.NodeOutput:
         options = {"resolution": resolution, "crop": crop, "flip": flip, "buckets": bucketing}
         check_options(repeats, options)
+        if masks is not None and images is None:
+            raise NodeError("`masks` needs the `images` input — connect the images the masks belong to, or for a "
+                            "folder put photo.mask.png beside each photo and set [data] masked_loss = true in the "
+                            "Train node's `advanced`")
         if images is not None:
-            dataset = from_image_batch(images, captions, repeats, options)
+            dataset = from_image_batch(images, captions, repeats, options, masks)
             report = f"{len(dataset.entries)} image(s) from the `images` input, " \
                      f"{sum(1 for e in dataset.entries if e.caption)} with a caption"
         else:
@@ -144,7 +154,7 @@ def from_folder(root: Path, repeats: int, options: dict) -> tuple[TrainingImages
     return TrainingImages(entries, str(root), options, skipped), f"{root}\n{scan.report()}"
 
 
-def from_image_batch(images, captions: str, repeats: int, options: dict) -> TrainingImages:
+def from_image_batch(images, captions: str, repeats: int, options: dict, masks=None) -> TrainingImages:
     count, height, width = images.shape[0], images.shape[1], images.shape[2]
     if min(height, width) < MIN_SIDE:
         raise NodeError(f"the `images` input is {width}×{height}; both sides must be at least {MIN_SIDE} px — "
@@ -154,9 +164,23 @@ def from_image_batch(images, captions: str, repeats: int, options: dict) -> Trai
         raise NodeError(f"`captions` has {len(lines)} lines for {count} images — write one line per image, "
                         "a single line for all, or nothing")
     texts = lines * count if len(lines) == 1 else lines or [""] * count
-    entries = tuple(Entry(caption=text, pixels=images[n].detach().cpu().clone(), repeats=repeats)
+    per_image = image_masks(masks, count, (height, width))
+    entries = tuple(Entry(caption=text, pixels=images[n].detach().cpu().clone(), repeats=repeats, mask=per_image[n])
                     for n, text in enumerate(texts))
+    if masks is not None:
+        options = {**options, "masked_loss": True}
     return TrainingImages(entries, "images input", options)
+
+
+def image_masks(masks, count: int, size: tuple[int, int]) -> list:
+    """One (H, W) mask per image, or None each without masks; a single mask serves every image."""
+    if masks is None:
+        return [None] * count
+    masks = masks if masks.ndim == 3 else masks[None]
+    if masks.shape[0] not in (1, count) or tuple(masks.shape[1:]) != size:
+        raise NodeError(f"`masks` is {masks.shape[0]} mask(s) of {masks.shape[2]}×{masks.shape[1]} for {count} "
+                        f"image(s) of {size[1]}×{size[0]} — connect one mask, or one per image, at the images' size")
+    return [masks[n if masks.shape[0] == count else 0].detach().cpu().clone() for n in range(count)]
 
 
 def preview_images(dataset: TrainingImages) -> list:

@@ -25,7 +25,7 @@ from ..trainers.config import Config
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path, atomic_write_text, unique_path
 from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done)
-from .types import NodeError, TrainingImages, node_error, pixels_to_pil
+from .types import NodeError, TrainingImages, mask_to_pil, node_error, pixels_to_pil
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 REQUEST_FILE, MANIFEST_FILE, LOG_FILE = "request.json", "manifest.jsonl", "train.log"
@@ -118,6 +118,9 @@ def write_manifest(dataset: TrainingImages, run_dir: Path) -> Path:
             target = run_dir / "images" / f"{n:05d}.png"
             with atomic_path(target) as tmp:
                 pixels_to_pil(entry.pixels).save(tmp, format="PNG")
+            if entry.mask is not None:  # the trainer finds it beside its image (data.masked_loss)
+                with atomic_path(target.with_name(f"{n:05d}.mask.png")) as tmp:
+                    mask_to_pil(entry.mask).save(tmp, format="PNG")
             image = str(target)
         line = {"image": image, "repeats": entry.repeats}
         if entry.caption:

@@ -63,6 +63,8 @@ class Entry:
     path: str | None = None
     pixels: Any = None
     repeats: int = 1
+    mask: Any = None
+    """With `pixels`: the loss mask, HxW floats in [0, 1] (1 = learn), or None."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class TrainingImages:
                 digest.update(_file_digest(Path(entry.path)))
             elif entry.pixels is not None:
                 digest.update(entry.pixels.detach().cpu().numpy().tobytes())
+            if entry.mask is not None:
+                digest.update(entry.mask.detach().cpu().numpy().tobytes())
         digest.update(repr(sorted(self.options.items())).encode())
         return digest.hexdigest()
 
@@ -128,6 +132,13 @@ def pixels_to_pil(pixels: Any) -> Any:
     from PIL import Image
 
     return Image.fromarray((pixels.detach().cpu().float().clamp(0, 1) * 255).round().byte().numpy(), "RGB")
+
+
+def mask_to_pil(mask: Any) -> Any:
+    """One mask of a MASK batch ((H, W) floats in [0, 1]) as an 8-bit greyscale PIL image (white = 1)."""
+    from PIL import Image
+
+    return Image.fromarray((mask.detach().cpu().float().clamp(0, 1) * 255).round().byte().numpy(), "L")
 
 
 _DIGEST_CACHE: dict[tuple[str, int, int], bytes] = {}

@@ -183,3 +183,30 @@ def txt2img_graph(checkpoint: str | list) -> dict:
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "full_finetune"}},
     }
+
+
+def test_masks_from_the_graph_reach_the_trainer_beside_their_images(comfy, comfy_server, comfyui_dir, tiny_checkpoint):
+    # Load Image's mask is 1 where the picture is transparent; inverted, it is 1 on the subject: what is learned.
+    subject = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    subject.paste((220, 30, 30, 255), (16, 8, 48, 56))
+    subject.save(comfy_server.input_dir / "masked_subject.png")
+    graph = {"load": {"class_type": "LoadImage", "inputs": {"image": "masked_subject.png"}},
+             "invert": {"class_type": "InvertMask", "inputs": {"mask": ["load", 1]}},
+             "1": load_images(images=["load", 0], captions="a red robot", masks=["invert", 0]),
+             "2": train_node("FinetuneTrainLoRA", tiny_checkpoint, name="masked_lora")}
+
+    result = comfy.run(graph, timeout=900)
+
+    assert result.status == "success", result.error
+    [record] = [r for r in runs(comfy_server) if r["name"] == "masked_lora"]
+    run_dir = comfy_server.output_dir / "finetune" / record["id"]
+    try:
+        assert json.loads((run_dir / "config.json").read_text())["data"]["masked_loss"] is True
+        mask = Image.open(run_dir / "images" / "00000.mask.png")
+        assert mask.mode == "L" and mask.tobytes() == subject.getchannel("A").tobytes()
+    finally:
+        (comfyui_dir / "models" / "loras" / record["outputs"]["lora"]).unlink(missing_ok=True)
+
+    wrong = {**graph, "1": load_images(masks=["invert", 0])}
+    failed = comfy.run(wrong, timeout=300)
+    assert failed.status == "error" and "`masks` needs the `images` input" in failed.error.message
