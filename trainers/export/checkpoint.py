@@ -191,6 +191,8 @@ def save_single_file(path: Path, base: "BaseModel", *, unet_state: Mapping[str, 
     state = {key: _stored(value, dtype) for key, value in state.items()}
     if base.prediction_type == "v_prediction" and base.family.v_prediction_marker:
         state["v_pred"] = torch.tensor([])
+        if base.zero_terminal_snr:
+            state["ztsnr"] = torch.tensor([])
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=dict(metadata or {}))
     return path

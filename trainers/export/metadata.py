@@ -21,12 +21,13 @@ _CHECKPOINT_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 def lora_metadata(cfg: Config, *, family_name: str, prediction_type: str, steps_done: int, num_images: int,
                   tag_frequency: dict[str, int], started_at: float, finished_at: float,
-                  base_model_name: str) -> dict[str, str]:
+                  base_model_name: str, zero_terminal_snr: bool = False) -> dict[str, str]:
     """Header of an exported LoRA file."""
     lora, train = cfg.lora, cfg.train
     metadata = checkpoint_metadata(cfg, family_name=family_name, prediction_type=prediction_type, steps_done=steps_done,
                                    num_images=num_images, tag_frequency=tag_frequency, started_at=started_at,
-                                   finished_at=finished_at, base_model_name=base_model_name)
+                                   finished_at=finished_at, base_model_name=base_model_name,
+                                   zero_terminal_snr=zero_terminal_snr)
     metadata.update(_modelspec(cfg, family_name, prediction_type, finished_at, adapter="lora",
                                implementation=_LORA_IMPLEMENTATION))
     metadata.update({
@@ -54,7 +55,7 @@ def _network_args(lora) -> dict[str, str]:
 
 def checkpoint_metadata(cfg: Config, *, family_name: str, prediction_type: str, steps_done: int, num_images: int,
                         tag_frequency: dict[str, int], started_at: float, finished_at: float,
-                        base_model_name: str) -> dict[str, str]:
+                        base_model_name: str, zero_terminal_snr: bool = False) -> dict[str, str]:
     """Header of an exported single-file checkpoint (full fine-tune); a LoRA's header adds to it."""
     data, train, db = cfg.data, cfg.train, cfg.dreambooth
     metadata = _modelspec(cfg, family_name, prediction_type, finished_at, adapter="",
@@ -67,6 +68,7 @@ def checkpoint_metadata(cfg: Config, *, family_name: str, prediction_type: str, 
         "ss_base_model_version": _BASE_MODEL_VERSIONS[family_name],
         "ss_v2": str(family_name == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(zero_terminal_snr),
         "ss_sd_model_name": base_model_name,
         "ss_output_name": cfg.output.name,
         "ss_training_comment": comment,

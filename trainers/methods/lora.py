@@ -54,7 +54,8 @@ class LoraMethod(Method):
         metadata = lora_metadata(
             self.cfg, family_name=self.base.family.name, prediction_type=self.base.prediction_type,
             steps_done=run.steps_done, num_images=run.num_images, tag_frequency=run.tag_frequency,
-            started_at=run.started_at, finished_at=run.finished_at, base_model_name=Path(self.base.source).name)
+            started_at=run.started_at, finished_at=run.finished_at, base_model_name=Path(self.base.source).name,
+            zero_terminal_snr=self.base.zero_terminal_snr)
         return save_lora(path, state, metadata, overwrite=overwrite)
 
 

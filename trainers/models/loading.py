@@ -53,6 +53,9 @@ class BaseModel:
     """What the user gave."""
     single_file: Path | None = None
     """The original file when loaded from one (an export reuses what the modules do not hold)."""
+    zero_terminal_snr: bool = False
+    """The noise schedule is rescaled to zero terminal SNR (a v-prediction model marked `ztsnr`, as NoobAI-XL v-pred
+    is): trained and exported that way."""
 
 
 def load_base_model(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> BaseModel:
@@ -82,6 +85,7 @@ def _from_single_file(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> BaseM
     family, detected = detect_family(file, where=file.where)
     _check_family(cfg, family, file.where)
     prediction_type = detected if cfg.prediction_type == "auto" else cfg.prediction_type
+    zero_snr = prediction_type == "v_prediction" and ZERO_SNR_MARKER in file
     config_dir = family.config_dir_for(prediction_type)
     return BaseModel(
         family=family, prediction_type=prediction_type,
@@ -90,8 +94,8 @@ def _from_single_file(path: Path, cfg: ModelConfig, dtype: torch.dtype) -> BaseM
         text_encoders=text_encoders_from_original(file, family, config_dir, dtype),
         tokenizers=family.load_tokenizers(),
         noise_scheduler=_noise_scheduler(DDPMScheduler.from_pretrained(config_dir, subfolder="scheduler"),
-                                         prediction_type),
-        source=cfg.base, single_file=path.resolve())
+                                         prediction_type, zero_snr),
+        source=cfg.base, single_file=path.resolve(), zero_terminal_snr=zero_snr)
 
 
 def _from_diffusers(source: str, cfg: ModelConfig, dtype: torch.dtype, *, where: str) -> BaseModel:
@@ -114,9 +118,11 @@ def _from_diffusers(source: str, cfg: ModelConfig, dtype: torch.dtype, *, where:
                 for spec in family.text_encoder_specs]
     scheduler = _component(DDPMScheduler, source, "scheduler", where)
     prediction_type = scheduler.config.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
+    zero_snr = prediction_type == "v_prediction" and bool(scheduler.config.get("rescale_betas_zero_snr"))
     return BaseModel(family=family, prediction_type=prediction_type, unet=unet, vae=vae, text_encoders=encoders,
                      tokenizers=_folder_tokenizers(source, family, where),
-                     noise_scheduler=_noise_scheduler(scheduler, prediction_type), source=cfg.base)
+                     noise_scheduler=_noise_scheduler(scheduler, prediction_type, zero_snr), source=cfg.base,
+                     zero_terminal_snr=zero_snr)
 
 
 def _component(component_class, source: str, subfolder: str | None, where: str, **kwargs):
@@ -143,8 +149,15 @@ def _folder_tokenizers(source: str, family: Family, where: str) -> list[CLIPToke
     return tokenizers
 
 
-def _noise_scheduler(scheduler: DDPMScheduler, prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+ZERO_SNR_MARKER = "ztsnr"
+"""An empty tensor in a single file beside `v_pred`: the model was trained with zero terminal SNR (ComfyUI's
+convention)."""
+
+
+def _noise_scheduler(scheduler: DDPMScheduler, prediction_type: str, zero_snr: bool) -> DDPMScheduler:
+    # Zero terminal SNR only with v-prediction: at the last step there is no signal left, so epsilon is undefined.
+    return DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type,
+                                     rescale_betas_zero_snr=zero_snr)
 
 
 def _check_family(cfg: ModelConfig, family: Family, where: str) -> None:
