@@ -28,8 +28,8 @@ from .errors import ConfigError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
 from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput, tensorboard_listeners
 from .methods import Method, RunSummary, method_class
-from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
 from .models.loading import load_base_model
+from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
 from .plan import Plan, make_plan
 from .sampling import SamplingInterrupted, generate_images, save_samples
 
