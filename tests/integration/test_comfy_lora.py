@@ -107,28 +107,38 @@ class Captured(logging.Handler):
 CASES = [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"),
          pytest.param(("sdxl", "lora"), marks=pytest.mark.slow), pytest.param(("sdxl", "lokr"), marks=pytest.mark.slow)]
 """Every algorithm on SD1.5; LoRA and LoKr on the tiny SDXL (last: it takes several GB, and is loaded once)."""
-_COMFY_MODELS: dict[str, tuple] = {}
+_LOADED: dict[str, tuple] = {}
 
 
-def comfy_models(comfy, family: str, checkpoint: Path) -> tuple:
-    """ComfyUI's model and CLIP of `family`'s tiny checkpoint, loaded once (a LoRA patches clones of them); only one
-    family is kept."""
-    if family not in _COMFY_MODELS:
-        _COMFY_MODELS.clear()
+def loaded_models(comfy, family: str, checkpoint: Path) -> tuple:
+    """Our diffusers model and ComfyUI's model and CLIP of `family`'s tiny checkpoint, loaded once for all its
+    cases (ComfyUI patches clones; ours gets each case's adapter and loses it again); one family is kept."""
+    if family not in _LOADED:
+        _LOADED.clear()
         fp32 = {"dtype": torch.float32}
         model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False,
                                                                   model_options=fp32, te_model_options=fp32)
-        _COMFY_MODELS[family] = model, clip
-    return _COMFY_MODELS[family]
+        _LOADED[family] = load_base_model(ModelConfig(base=str(checkpoint)), dtype=torch.float32), model, clip
+    return _LOADED[family]
+
+
+def remove_adapters(*modules: torch.nn.Module) -> None:
+    """Back to the plain modules: peft's layers replaced by their base layers, the adapter configs forgotten."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    for module in modules:
+        recurse_remove_peft_layers(module)
+        for attribute in ("peft_config", "_hf_peft_config_loaded"):
+            module.__dict__.pop(attribute, None)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(case))
-def case(request, tmp_path_factory) -> Case:
+def case(request, tmp_path_factory):
     family, algorithm = request.param
     comfy = import_comfy()
     checkpoint = tiny_models.comfy_checkpoint(family)
 
-    base = load_base_model(ModelConfig(base=str(checkpoint)), dtype=torch.float32)
+    base, model, clip = loaded_models(comfy, family, checkpoint)
     settings = dataclasses.replace(LORA, algorithm=algorithm, lokr_factor=8)
     add_unet_lora(base.unet, settings)
     for text_encoder in base.text_encoders:
@@ -139,7 +149,6 @@ def case(request, tmp_path_factory) -> Case:
     lora_path = save_lora(tmp_path_factory.mktemp("lora") / f"{family}-{algorithm}.safetensors", state,
                           {"modelspec.title": f"{family} {algorithm} test"})
 
-    model, clip = comfy_models(comfy, family, checkpoint)
     log: list[str] = []
     handler = Captured(log)
     logging.getLogger().addHandler(handler)
@@ -148,7 +157,8 @@ def case(request, tmp_path_factory) -> Case:
         patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     finally:
         logging.getLogger().removeHandler(handler)
-    return Case(family, algorithm, base, lora_path, comfy, model, clip, patched_model, patched_clip, log)
+    yield Case(family, algorithm, base, lora_path, comfy, model, clip, patched_model, patched_clip, log)
+    remove_adapters(base.unet, *base.text_encoders)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
