@@ -14,6 +14,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from .types import LoraType, NodeError, TrainedLora
+from .validation import check_inputs
 
 NO_LORA = "(none)"
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -56,9 +57,9 @@ class ApplyLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name: str) -> bool:
+    def validate_inputs(cls, **inputs) -> bool | str:
         # A LoRA missing here (a workflow from another machine) ends as an error that says where to put it.
-        return True
+        return check_inputs(cls, inputs, later=("lora_name",))
 
     @classmethod
     def execute(cls, model, clip, lora_name: str, strength_model: float, strength_clip: float,

@@ -11,7 +11,9 @@ from comfy_api.v0_0_2 import io
 from ..trainers.captioning import HUB_MODELS, MODEL_FILES, BlipCaptioner, CaptionSettings, caption_images
 from ..trainers.captioning import write_caption_files as write_beside_images
 from ..trainers.errors import FinetuneError
+from .access import allowed_folders, confine, data_roots, how_to_allow, inside
 from .types import CAPTION_MODES, DatasetType, NodeError, TrainingImages, pixels_to_pil
+from .validation import check_inputs
 
 BLIP_FOLDER = "blip"
 
@@ -32,7 +34,7 @@ def model_folder_path(folder_name: str, name: str, input_name: str) -> Path:
     """The folder `name` picked in a combo of `model_folders(folder_name)`, or a NodeError saying where to put it."""
     roots = folder_paths.get_folder_paths(folder_name)
     for root in roots:
-        candidate = Path(root) / name
+        candidate = confine(name, [Path(root), *allowed_folders()], input_name)
         if (candidate / "config.json").is_file():
             return candidate
     raise NodeError(f"`{input_name}`: there is no model folder {name!r} (with a config.json) in "
@@ -83,9 +85,9 @@ class BLIPCaption(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model: str) -> bool:
+    def validate_inputs(cls, **inputs) -> bool | str:
         # A model missing here (a workflow from another machine) ends as an error that says where to put it.
-        return True
+        return check_inputs(cls, inputs, later=("model",))
 
     @classmethod
     def execute(cls, dataset: TrainingImages, model: str, prompt: str, trigger_word: str, class_noun: str, mode: str,
@@ -152,6 +154,12 @@ def save_caption_files(before: TrainingImages, after: TrainingImages) -> None:
     """Write the captions that changed beside their image files; images given as pixels have no place for one."""
     changed = {Path(new.path): new.caption for old, new in zip(before.entries, after.entries)
                if new.path is not None and new.caption != old.caption}
+    roots = data_roots()
+    outside = [path for path in changed if not inside(path, roots)]
+    if outside:
+        raise NodeError(f"`write_caption_files`: {outside[0].parent} is outside the folders the pack may write "
+                          f"to ({', '.join(map(str, roots))}) — turn write_caption_files off, move the images into "
+                          f"ComfyUI's input folder, {how_to_allow()}")
     try:
         write_beside_images(changed)
     except OSError as exc:

@@ -17,6 +17,7 @@ from ..trainers.errors import FinetuneError
 from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS, DepthEstimator, PreprocessOptions, control_map
 from .caption import model_folder_path, model_folders
 from .types import NodeError, node_error
+from .validation import check_inputs
 
 DEPTH_FOLDER = "depth_estimation"
 NO_MODEL = "(none)"
@@ -89,9 +90,9 @@ class ControlNetCondition(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, control_net: str, depth_model: str) -> bool:
+    def validate_inputs(cls, **inputs) -> bool | str:
         # Missing models (a workflow from another machine) end as errors that say where to put them.
-        return True
+        return check_inputs(cls, inputs, later=("control_net", "depth_model"))
 
     @classmethod
     def execute(cls, positive, negative, control_net: str, image, preprocessor: str, strength: float,

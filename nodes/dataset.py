@@ -13,11 +13,15 @@ from ..trainers.config import Config
 from ..trainers.data.images import MIN_SIDE, load_image
 from ..trainers.data.scan import scan_dataset
 from ..trainers.errors import FinetuneError
+from .access import ALLOW_FOLDERS_ENV, confine_data
 from .types import DatasetType, Entry, NodeError, TrainingImages, image_batch, node_error, pixels_to_pil
+from .validation import check_inputs
 
 NO_FOLDER = "(none)"
 PREVIEW_LIMIT = 64
 PREVIEW_SIDE = 256
+FINGERPRINT_LIMIT = 100_000
+"""Entries the change check looks at; a folder with more is read again only when its first ones change."""
 DATA_INPUTS = {"data.folder": "path", "data.repeats": "repeats", "data.resolution": "resolution", "data.crop": "crop",
                "data.flip": "flip", "data.buckets": "bucketing"}
 
@@ -36,9 +40,11 @@ class LoadTrainingImages(io.ComfyNode):
                 io.Combo.Input("folder", options=[NO_FOLDER, *folders], default=folders[0] if folders else NO_FOLDER,
                                tooltip="A subfolder of ComfyUI's input folder. Images in its subfolders are included; "
                                        "a caption is read from a .txt file of the same name."),
-                io.String.Input("path", default="", placeholder="e.g. /photos/my_dog or my_dog",
-                                tooltip="A folder typed in instead: absolute, or relative to ComfyUI's input folder. "
-                                        "When set, it is used instead of `folder`."),
+                io.String.Input("path", default="", placeholder="e.g. my_dog or my_dog/best",
+                                tooltip="A folder typed in instead, used instead of `folder` when set: relative to "
+                                        "ComfyUI's input folder, or absolute inside it (a symlink placed there "
+                                        "works). Folders elsewhere only where the person running ComfyUI allows "
+                                        f"them ({ALLOW_FOLDERS_ENV} or user/comfyui-finetune/access.toml)."),
                 io.Int.Input("repeats", default=1, min=1, max=1000,
                              tooltip="How often each image is seen per epoch (raise it for a small set of images)."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
@@ -77,10 +83,15 @@ class LoadTrainingImages(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        # Taking over ComfyUI's own list/range checks lets a missing folder or a bad value end as an execution
-        # error that names the input and the fix, instead of a bare "value not in list".
-        return True
+    def validate_inputs(cls, **inputs) -> bool | str:
+        # `folder` is checked against the folders there are now (one made after the page loaded counts), unless
+        # `path` takes its place.
+        folder = inputs.get("folder", NO_FOLDER)
+        if folder != NO_FOLDER and not str(inputs.get("path", "")).strip() \
+                and folder not in folder_paths.get_input_subfolders():
+            return (f"the folder {folder!r} is not a subfolder of ComfyUI's input folder — put your images into "
+                    f"input/{folder} and refresh the page (R), or pick another")
+        return check_inputs(cls, inputs, later=("folder",))
 
     @classmethod
     def fingerprint_inputs(cls, folder: str = NO_FOLDER, path: str = "", **kwargs) -> str:
@@ -89,16 +100,7 @@ class LoadTrainingImages(io.ComfyNode):
             root = resolve_folder(folder, path)
         except NodeError:
             return ""
-        digest = hashlib.sha256(str(root).encode())
-        for current, dirs, files in os.walk(root, followlinks=True):
-            dirs.sort()
-            for name in sorted(files):
-                try:
-                    stat = os.stat(os.path.join(current, name))
-                except OSError:
-                    continue
-                digest.update(f"{current}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        return digest.hexdigest()
+        return folder_fingerprint(root)
 
     @classmethod
     def execute(cls, folder: str, path: str, repeats: int, resolution: int, crop: str, flip: bool, bucketing: bool,
@@ -125,14 +127,34 @@ def resolve_folder(folder: str, path: str) -> Path:
     text = path.strip() or ("" if folder == NO_FOLDER else folder)
     if not text:
         raise NodeError("no images given — choose a `folder`, type a `path`, or connect the `images` input")
-    candidate = Path(text).expanduser()
-    if not candidate.is_absolute():
-        candidate = Path(folder_paths.get_input_directory()) / candidate
+    candidate = confine_data(text, "path" if path.strip() else "folder")
     if not candidate.is_dir():
         problem = "is a file, not a folder" if candidate.exists() else "does not exist"
         raise NodeError(f"the image folder {candidate} {problem} — fix `path` (absolute, or relative to ComfyUI's "
                         "input folder) or choose another `folder`")
     return candidate
+
+
+def folder_fingerprint(root: Path, limit: int = FINGERPRINT_LIMIT) -> str:
+    """Size and time of every file under `root`, each real folder visited once (two links to `.` would loop
+    forever otherwise) and at most `limit` entries: this runs on ComfyUI's execution thread, where /interrupt
+    cannot reach, so it must end."""
+    digest, visited, seen = hashlib.sha256(str(root).encode()), set(), 0
+    for current, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(current)
+        if real in visited or seen > limit:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs.sort()
+        seen += len(dirs) + len(files)
+        for name in sorted(files):
+            try:
+                stat = os.stat(os.path.join(current, name))
+            except OSError:
+                continue
+            digest.update(f"{current}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def check_options(repeats: int, options: dict) -> None:

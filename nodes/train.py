@@ -15,11 +15,13 @@ from comfy_api.v0_0_2 import io, ui
 from ..trainers.config import fill_template
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path
+from .access import confine_settings
 from .charts import LossHistory, loss_chart
 from .choices import DEFAULT_ALGORITHM, DEFAULT_OPTIMIZER, algorithm_input, learning_rate_input, optimizer_input
 from .runner import TrainingJob, run_training
 from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata
 from .types import DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, image_batch, node_error
+from .validation import check_inputs
 
 TRAINER_NEEDS = ("diffusers", "peft", "transformers", "accelerate", "safetensors")
 # The trainer runs in its own process: here it is enough to know its packages are installed, without the seconds
@@ -102,10 +104,9 @@ class TrainingNode(io.ComfyNode):
     result name changed on disk."""
 
     @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        # Taking over ComfyUI's own list/range checks lets a missing checkpoint or a bad value end as an execution
-        # error that names the input and the fix.
-        return True
+    def validate_inputs(cls, **inputs) -> bool | str:
+        # A checkpoint missing here (a workflow from another machine) ends as an error that says where to put it.
+        return check_inputs(cls, inputs, later=("base_checkpoint",))
 
     @classmethod
     def fingerprint_inputs(cls, base_checkpoint: str = "", name: str = "", **kwargs) -> str:
@@ -244,7 +245,7 @@ def parse_advanced(text: str) -> dict[str, Any]:
             if key in data.get(section, {}):
                 raise NodeError(f"`advanced` sets {section}.{key}, which this node sets itself — remove it (the "
                                 "base model, the images and where files go come from the node's inputs)")
-    return data
+    return confine_settings(data)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from ..trainers.config import DDPO_DEFAULT_EPOCHS
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path
 from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS
+from .access import confine_data
 from .caption import model_folder_path, model_folders
 from .charts import LossHistory, loss_chart
 from .choices import DEFAULT_ALGORITHM, DEFAULT_OPTIMIZER, algorithm_input, learning_rate_input, optimizer_input
@@ -25,6 +26,7 @@ from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family, read_safetensors_
 from .train import TrainingNode, chart_and_sample_outputs, merge, parse_advanced, result_images
 from .types import (DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error,
                     pixels_to_pil)
+from .validation import check_inputs
 
 MODEL_FOLDERS.update(embedding="embeddings", controlnet="controlnet")
 REWARD_FOLDER = "reward_models"
@@ -198,8 +200,9 @@ class TrainControlNet(TrainingNode):
                                        "makes it when generating). Ignored when `control_folder` is set."),
                 io.String.Input("control_folder", default="",
                                 tooltip="Optional: a folder of ready-made maps (depth, pose, ...), one per training "
-                                        "image with the same file name (img_01.png for img_01.jpg); a path, or a "
-                                        "folder inside ComfyUI's input folder."),
+                                        "image with the same file name (img_01.png for img_01.jpg): a folder "
+                                        "inside ComfyUI's input folder (relative to it), or one the person running "
+                                        "ComfyUI allows (see the README's Safety section)."),
                 io.Int.Input("steps", default=0, min=0, max=1000000,
                              tooltip="Training steps; 0 = automatic (100 per image, 400 to 1200). ControlNets often "
                                      "need thousands before they follow the maps."),
@@ -235,9 +238,7 @@ def resolve_control_folder(text: str) -> str:
     """'' stays ''; a relative path is looked up in ComfyUI's input folder."""
     if not text:
         return ""
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = Path(folder_paths.get_input_directory()) / path
+    path = confine_data(text, "control_folder")
     if not path.is_dir():
         raise NodeError(f"`control_folder`: {path} is not a folder — give the folder of control maps (a path, or a "
                         "folder inside ComfyUI's input folder), or leave it empty to make maps with `preprocessor`")
@@ -273,8 +274,9 @@ class DDPOReward(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        return True  # missing files end as errors that say where to put them
+    def validate_inputs(cls, **inputs) -> bool | str:
+        # missing files end as errors that say where to put them
+        return check_inputs(cls, inputs, later=("model", "aesthetic_predictor"))
 
     @classmethod
     def execute(cls, reward: str, model: str, aesthetic_predictor: str) -> io.NodeOutput:
@@ -317,8 +319,9 @@ class DDPOReferenceReward(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs) -> bool:
-        return True  # a missing model folder ends as an error that says where to put it
+    def validate_inputs(cls, **inputs) -> bool | str:
+        # a missing model folder ends as an error that says where to put it
+        return check_inputs(cls, inputs, later=("clip_model",))
 
     @classmethod
     def execute(cls, images, clip_model: str) -> io.NodeOutput:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -68,6 +69,7 @@ def run_demo() -> int:
     for warning in warnings:
         print(f"demo: warning: {warning}")
     workdir = Path(tempfile.mkdtemp(prefix="finetune-demo-"))
+    shutil.copytree(SAMPLES, workdir / "input" / SAMPLES.name)  # the pack reads images from ComfyUI's input folder
     with start_server(comfy, workdir, output_dir=comfy / "output") as server:
         print(f"demo: ComfyUI serving at {server.base_url} (log: {server.log_path})")
         check_pack_loaded(server, expected)
@@ -117,7 +119,7 @@ def prepare_graph(graph: dict[str, Any], object_info: dict[str, Any], models: li
                 node["inputs"][name] = next(model for model in models if model in choices)
             elif kind == "STRING" and is_ours and any(w in name for w in FOLDER_WORDS) \
                     and "image" in (name + node["class_type"]).lower():
-                node["inputs"][name] = str(SAMPLES)
+                node["inputs"][name] = SAMPLES.name
                 pointed += 1
             elif kind == "STRING" and is_ours and name == "name":
                 node["inputs"][name] = RUN_NAME

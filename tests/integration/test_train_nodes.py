@@ -63,11 +63,9 @@ def broken_checkpoint(comfyui_dir):
 
 @pytest.mark.parametrize("case, dataset, train, expected", [
     ("empty folder", {"path": "empty_folder"}, {}, ["no images found", "empty_folder", "`path`"]),
-    ("missing folder", {"path": "/no/such/folder"}, {}, ["/no/such/folder", "does not exist", "`path`"]),
+    ("missing folder", {"path": "no_such_folder"}, {}, ["no_such_folder", "does not exist", "`path`"]),
     ("missing checkpoint", {}, {"base_checkpoint": "no_such_model.safetensors"},
      ["`base_checkpoint`", "no_such_model.safetensors", "models/checkpoints"]),
-    ("rank 0", {}, {"rank": 0}, ["`rank`", "at least 1, got 0"]),
-    ("negative learning rate", {}, {"learning_rate": -0.001}, ["`learning_rate`", "got -0.001", "1e-4"]),
     ("unknown advanced setting", {}, {"advanced": "[train]\nturbo = true"}, ["`advanced`", "turbo"]),
     ("unreadable checkpoint file", {}, {"base_checkpoint": "broken"},
      ["Training failed", "finetune_test_broken.safetensors", "not a readable .safetensors"]),
@@ -152,7 +150,8 @@ def test_a_trainer_that_dies_fails_the_node_with_the_reason_and_the_queue_goes_o
 
 
 def test_a_trainer_that_stays_silent_too_long_is_stopped_and_the_queue_goes_on(start_extra_server, tiny_checkpoint):
-    server = start_extra_server(extra_env={"COMFYUI_FINETUNE_IDLE_TIMEOUT_S": "1"})
+    server = start_extra_server(extra_env={"COMFYUI_FINETUNE_IDLE_TIMEOUT_S": "1",
+                                           "COMFYUI_FINETUNE_ALLOW_FOLDERS": str(SAMPLE_IMAGES)})
     client = ComfyClient(server.base_url)
     graph = {"1": load_images(path=str(SAMPLE_IMAGES)), "2": train_node("FinetuneTrainLoRA", tiny_checkpoint)}
 
