@@ -163,3 +163,34 @@ def confine_settings(settings: dict) -> dict:
             confine_model(value.strip(), folder_name, name)
         confined[section][key] = str(path)
     return confined
+
+
+def comfyui_listen_address() -> str:
+    """The address(es) ComfyUI was told to --listen on ("127.0.0.1" when it runs without its command line)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return "127.0.0.1"
+    return str(getattr(args, "listen", "127.0.0.1") or "127.0.0.1")
+
+
+def comfyui_cors_origin() -> str:
+    """The origin ComfyUI's --enable-cors-header allows ("" when it allows none)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return ""
+    return str(getattr(args, "enable_cors_header", "") or "")
+
+
+def origin_allowed(origin: str, host: str) -> bool:
+    """A request's Origin (when it has one) must be the page's own server — unless ComfyUI was told to allow that
+    origin. `null` (a sandboxed frame, a file) is never one."""
+    if origin.strip().lower() == "null":
+        return False
+    cors = comfyui_cors_origin()
+    if cors and cors in ("*", origin):
+        return True
+    netloc = origin.split("://", 1)[-1].rstrip("/")
+    return netloc.lower() == host.strip().lower() or (
+        host_name(netloc) == host_name(host) and ":" not in netloc.split("]")[-1])

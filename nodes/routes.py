@@ -1,9 +1,14 @@
 """The HTTP routes of the Fine-tunes dashboard, under /finetune/ (ComfyUI serves them under /api/finetune/ too).
 
 Answers are JSON (or an image, for files/). A malformed request is 400, something that is not there 404, a LoRA we
-did not make 403, and a request that does not fit the run's state 409, each as {"error": message}. Every path a
-request names is resolved, symlinks included, and must stay inside the folder it belongs to: its run folder, or a
-models/loras folder.
+did not make 403, a request that does not fit the run's state 409, and a body over ComfyUI's size limit 413, each as
+{"error": message}. Every path a request names is resolved, symlinks included, and must stay inside the folder it
+belongs to: its run folder, or a models/loras folder.
+
+Every request is refused (403) unless its Host is one this ComfyUI serves (see access.host_allowed: DNS rebinding
+sends another name) and its Origin, when it has one, is that same server (`null` never is). A request that changes
+something (POST, DELETE) also needs a JSON content type and the `X-Finetune-Request: 1` header our page sends: a
+page elsewhere can only send those after a CORS preflight, which ComfyUI does not grant. GET handlers never write.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..trainers.io import atomic_write_text
+from .access import ALLOW_HOSTS_ENV, comfyui_listen_address, host_allowed, origin_allowed, settings_file
 from .runs import ACTIVE_STATUSES, RunRecord, RunStore, has_checkpoint
+from .saved_prompts import load_prompt
 
 log = logging.getLogger("comfyui-finetune")
 
 PREFIX = "/finetune"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-PROMPT_FILE = "prompt.json"
-"""The API graph that started a run, kept in its folder so that Resume still works after ComfyUI restarts."""
 RESUMABLE_STATUSES = ("cancelled", "failed")
+PAGE_HEADER = "X-Finetune-Request"
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+MAX_SINCE_DIGITS = 15
 _registered = False
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,9 +77,12 @@ def json_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
+            check_sender(request)
             return await handler(request)
         except RequestError as error:
             return web.json_response({"error": str(error)}, status=error.status)
+        except web.HTTPException as error:  # aiohttp's own, e.g. 413 for a body over the server's size limit
+            return web.json_response({"error": error.reason}, status=error.status)
         except Exception as error:
             log.exception("comfyui-finetune: %s %s failed", request.method, request.path)
             return web.json_response({"error": f"internal error ({type(error).__name__})"}, status=500)
@@ -80,20 +90,34 @@ def json_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+def check_sender(request: web.Request) -> None:
+    """Refuse a request that another web page (or a DNS-rebound name) sent; see the module's doc."""
+    host = request.headers.get("Host", "")
+    if not host_allowed(host, comfyui_listen_address()):
+        raise RequestError(403, f"this ComfyUI does not answer the Fine-tunes routes for the host {host!r} — open "
+                                "ComfyUI at its own address, or allow the name: add it to the environment variable "
+                                f"{ALLOW_HOSTS_ENV} or to `hosts = [...]` in {settings_file()}")
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(origin, host):
+        raise RequestError(403, f"requests from the page at {origin!r} are refused: only ComfyUI's own page may use "
+                                "the Fine-tunes routes")
+    if request.method in STATE_CHANGING and (request.content_type != "application/json"
+                                             or request.headers.get(PAGE_HEADER) != "1"):
+        raise RequestError(403, f"a {request.method} to the Fine-tunes routes needs the JSON content type and the "
+                                f"header {PAGE_HEADER}: 1 (as the Fine-tunes panel sends them)")
+
+
 # ---- runs ------------------------------------------------------------------------------------------------------
 @json_errors
 async def list_runs(request: web.Request) -> web.Response:
-    store = RunStore()
+    store = RunStore(read_only=True)
     runs = [record for record in store.list() if is_contained(store.run_dir(record.id), store.root)]
-    for record in runs:
-        remember_prompt(store, record)
     return web.json_response({"runs": [record.to_json() for record in runs]})
 
 
 @json_errors
 async def get_run(request: web.Request) -> web.Response:
     store, record = find_run(request)
-    remember_prompt(store, record)
     run_dir = store.run_dir(record.id)
     return web.json_response({"run": record.to_json(), "config": read_config(run_dir),
                               "resumable": record.status in RESUMABLE_STATUSES and load_prompt(store, record) is not None,
@@ -104,10 +128,11 @@ async def get_run(request: web.Request) -> web.Response:
 async def run_events(request: web.Request) -> web.Response:
     store, record = find_run(request)
     since = request.query.get("since", "0")
-    if not (since.isascii() and since.isdigit()):
-        raise RequestError(400, f"`since` must be a line number (0 or more), got {since!r}")
-    events = store.events(record.id, since=int(since))
-    return web.json_response({"events": events, "next": int(since) + len(events), "status": record.status})
+    if not (since.isascii() and since.isdigit() and len(since) <= MAX_SINCE_DIGITS):
+        raise RequestError(400, f"`since` must be the `next` of an earlier answer (a number, 0 or more), got "
+                                f"{since[:40]!r}")
+    events, after = store.events_after(record.id, int(since))
+    return web.json_response({"events": events, "next": after, "status": record.status})
 
 
 @json_errors
@@ -133,6 +158,10 @@ async def cancel_run(request: web.Request) -> web.Response:
 @json_errors
 async def resume_run(request: web.Request) -> web.Response:
     """Queue again the workflow that started the run; its Train node finds the checkpoint and continues from it."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise RequestError(400, "the request body must be JSON, e.g. {\"client_id\": \"...\"}") from None
     store, record = find_run(request)
     if record.status not in RESUMABLE_STATUSES:
         raise RequestError(409, f"run {record.id} is {record.status}; only a cancelled or failed run can be resumed")
@@ -140,17 +169,13 @@ async def resume_run(request: web.Request) -> web.Response:
     if saved is None:
         raise RequestError(409, f"the workflow that started run {record.id} is no longer known to ComfyUI — open it "
                                 "and queue it again: it continues from the run's checkpoint")
-    try:
-        body = await request.json() if request.can_read_body else {}
-    except ValueError:
-        raise RequestError(400, "the request body must be JSON, e.g. {\"client_id\": \"...\"}") from None
     client_id = body.get("client_id") if isinstance(body, dict) else None
     prompt_id = await queue_prompt(saved["prompt"], saved.get("extra_data") or {}, client_id)
     return web.json_response({"run": record.to_json(), "prompt_id": prompt_id})
 
 
 def find_run(request: web.Request) -> tuple[RunStore, RunRecord]:
-    store, run_id = RunStore(), request.match_info["run_id"]
+    store, run_id = RunStore(read_only=request.method == "GET"), request.match_info["run_id"]
     try:
         store.run_dir(run_id)
     except ValueError:
@@ -169,48 +194,6 @@ def read_config(run_dir: Path) -> dict[str, Any] | None:
         except (OSError, ValueError):
             continue
     return None
-
-
-# ---- resuming: the run's API graph ------------------------------------------------------------------------------
-def load_prompt(store: RunStore, record: RunRecord) -> dict[str, Any] | None:
-    """{"prompt", "extra_data"} of the workflow that started the run: kept in its folder, else ComfyUI's queue or
-    history."""
-    try:
-        saved = json.loads((store.run_dir(record.id) / PROMPT_FILE).read_text(encoding="utf-8"))
-        if isinstance(saved, dict) and isinstance(saved.get("prompt"), dict):
-            return saved
-    except (OSError, ValueError):
-        pass
-    return prompt_known_to_comfyui(record.prompt_id)
-
-
-def remember_prompt(store: RunStore, record: RunRecord) -> None:
-    """Keep the run's API graph in its folder while ComfyUI still knows it."""
-    path = store.run_dir(record.id) / PROMPT_FILE
-    if record.status == "succeeded" or path.exists():
-        return
-    found = prompt_known_to_comfyui(record.prompt_id)
-    if found is not None:
-        atomic_write_text(path, json.dumps(found, default=str) + "\n")
-
-
-def prompt_known_to_comfyui(prompt_id: str) -> dict[str, Any] | None:
-    if not prompt_id:
-        return None
-    from server import PromptServer
-
-    queue = PromptServer.instance.prompt_queue
-    running, pending = queue.get_current_queue_volatile()
-    items = [*running, *pending]
-    entry = queue.get_history(prompt_id=prompt_id).get(prompt_id)
-    if entry is not None:
-        items.append(entry["prompt"])
-    # a queue item is (number, prompt_id, prompt, extra_data, outputs_to_execute, ...)
-    item = next((item for item in items if item[1] == prompt_id), None)
-    if item is None:
-        return None
-    extra = {k: v for k, v in (item[3] or {}).items() if k not in ("client_id", "create_time")}
-    return {"prompt": item[2], "extra_data": extra}
 
 
 async def queue_prompt(prompt: dict[str, Any], extra_data: dict[str, Any], client_id: str | None) -> str:
@@ -236,7 +219,7 @@ async def queue_prompt(prompt: dict[str, Any], extra_data: dict[str, Any], clien
 # ---- LoRA library -----------------------------------------------------------------------------------------------
 @json_errors
 async def list_loras(request: web.Request) -> web.Response:
-    return web.json_response({"loras": RunStore().made_loras()})
+    return web.json_response({"loras": RunStore(read_only=True).made_loras()})
 
 
 @json_errors

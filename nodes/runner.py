@@ -25,6 +25,7 @@ from ..trainers.config import Config
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path, atomic_write_text, unique_path
 from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done)
+from .saved_prompts import remember_prompt
 from .types import NodeError, TrainingImages, mask_to_pil, node_error, pixels_to_pil
 
 PACK_DIR = Path(__file__).resolve().parents[1]
@@ -104,6 +105,7 @@ def run_training(job: TrainingJob, store: RunStore | None = None) -> RunRecord:
                        class_noun=cfg.data.class_noun, content_hash=content_hash, prompt_id=job.prompt_id,
                        node_id=job.node_id, step=found.step if (found and resume) else 0)
     store.save(record)
+    remember_prompt(store, record)
     with live(run_id):
         return TrainerProcess(store, record, run_dir, job.kind, resume, job.input_names).run()
 

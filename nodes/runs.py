@@ -32,6 +32,8 @@ _FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
 OUTPUT_KINDS = {"lora": "lora", "full": "checkpoint", "textual_inversion": "embedding", "controlnet": "controlnet",
                 "ddpo": "lora"}
 """What each trainer method writes: the key of its file in a record's `outputs` (and so its models folder)."""
+EVENTS_READ_LIMIT = 4 * 2**20
+"""Bytes of the event log one request of the dashboard reads at most; it asks again from where this one ended."""
 _LIVE_RUN_IDS: set[str] = set()
 """Runs this process is driving right now; any other run marked running is checked for a live trainer process."""
 
@@ -95,8 +97,10 @@ class RunRecord:
 
 
 class RunStore:
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, *, read_only: bool = False):
         self.root = Path(root) if root is not None else RUNS_ROOT()
+        self.read_only = read_only
+        """Settle a dead run's record in memory only (the dashboard's GETs never write)."""
 
     def run_dir(self, run_id: str) -> Path:
         if not _RUN_ID.match(run_id) or ".." in run_id:
@@ -142,6 +146,25 @@ class RunStore:
                 events.append({"event": "unreadable", "line": number})
         return events
 
+    def events_after(self, run_id: str, offset: int, limit: int = EVENTS_READ_LIMIT) -> tuple[list[dict[str, Any]], int]:
+        """The events logged from byte `offset` of the log on (at most about `limit` bytes of them), and the offset
+        to ask from next time: only the new part of the file is read. A last line still being written is left for
+        the next call."""
+        try:
+            with open(self.run_dir(run_id) / EVENTS_FILE, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(limit)
+        except (ValueError, OSError):
+            return [], offset
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        events = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                events.append({"event": "unreadable"})
+        return events, offset + len(complete)
+
     def request_stop(self, run_id: str) -> bool:
         """Ask a running run to save a checkpoint and stop; False when it is not running."""
         record = self.get(run_id)
@@ -170,7 +193,8 @@ class RunStore:
             return None
         if record.status in ACTIVE_STATUSES and not is_live(record):
             settle_from_events(record, self.events(record.id), folder)
-            self.save(record)
+            if not self.read_only:
+                self.save(record)
         return record
 
 

@@ -15,18 +15,22 @@ async function request(path, options = {}) {
 
 const runPath = (runId) => `/runs/${encodeURIComponent(runId)}`;
 
+// What the routes ask of a request that changes something, so that another web page cannot send it.
+const changing = (method, body = {}) => ({
+  method,
+  headers: { "Content-Type": "application/json", "X-Finetune-Request": "1" },
+  body: JSON.stringify(body),
+});
+
 export const fetchRuns = async () => (await request("/runs")).runs;
 export const fetchRun = (runId) => request(runPath(runId));
+// `since`: the `next` of the previous answer (where in the run's event log it stopped reading).
 export const fetchEvents = (runId, since = 0) => request(`${runPath(runId)}/events?since=${since}`);
-export const cancelRun = (runId) => request(`${runPath(runId)}/cancel`, { method: "POST" });
+export const cancelRun = (runId) => request(`${runPath(runId)}/cancel`, changing("POST"));
 export const resumeRun = (runId) =>
-  request(`${runPath(runId)}/resume`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ client_id: api.clientId }),
-  });
+  request(`${runPath(runId)}/resume`, changing("POST", { client_id: api.clientId }));
 export const fetchLoras = async () => (await request("/loras")).loras;
-export const deleteLora = (name) => request(`/loras/${encodeURIComponent(name)}`, { method: "DELETE" });
+export const deleteLora = (name) => request(`/loras/${encodeURIComponent(name)}`, changing("DELETE"));
 
 // The URL of a file in a run's folder. Sample paths arrive absolute (as the trainer wrote them) or relative to the
 // run folder (as the run record keeps them); both become relative to the run folder.

@@ -70,9 +70,9 @@ class LiveRuns {
 
   async fetchState(runId) {
     const state = this.state(runId);
-    const [body, { events, next }] = await Promise.all([fetchRun(runId), fetchEvents(runId, state.nextLine)]);
+    const [body, { events, next }] = await Promise.all([fetchRun(runId), fetchEvents(runId, state.nextOffset)]);
     state.applyAll(events);
-    state.nextLine = next;
+    state.nextOffset = next;
     state.setRecord(body.run);
     state.details = { config: body.config, resumable: body.resumable, hasCheckpoint: body.has_checkpoint };
     this.notify(state, null);

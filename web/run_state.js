@@ -17,7 +17,7 @@ export class RunState {
     this.status = null;
     this.nodeId = null; // the Train node that runs it, as ComfyUI numbers it in the queued graph
     this.error = "";
-    this.nextLine = 0; // the events.jsonl line to read from next
+    this.nextOffset = 0; // where in events.jsonl to read from next (the last answer's `next`)
   }
 
   setRecord(record) {

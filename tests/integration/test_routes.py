@@ -25,6 +25,14 @@ PNG = (SAMPLE_IMAGES / "robot_01.png").read_bytes()
 SECRET = b"\x89PNG\r\n\x1a\n secret outside every run folder"
 STEPS = 16
 TINY_RUN = '[output]\nsample_steps = 2\ntensorboard = false\n[train]\nwarmup_steps = 0\n'
+OUR_PAGE = {"X-Finetune-Request": "1", "Content-Type": "application/json"}
+"""What the pack's page sends with a request that changes something (tests/integration/test_route_senders.py
+checks that requests without it are refused)."""
+
+
+@pytest.fixture(autouse=True)
+def as_our_page(comfy):
+    comfy.http.headers.update(OUR_PAGE)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,7 @@ def raw_get(base_url: str, raw_path: str, method: str = "GET") -> tuple[int, byt
     url = urlsplit(base_url)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     try:
-        connection.request(method, raw_path)
+        connection.request(method, raw_path, body=b"{}" if method != "GET" else None, headers=OUR_PAGE)
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -107,7 +115,7 @@ def test_runs_are_listed_newest_first_under_both_prefixes(comfy, new_run):
         assert shown["dataset_size"] == 4 and shown["method"] == "lora" and shown["duration"] > 0
 
 
-def test_a_run_its_config_and_its_events_from_a_line_on(comfy, store, new_run):
+def test_a_run_its_config_and_its_events_from_where_the_last_answer_stopped(comfy, store, new_run):
     record = new_run("succeeded")
     run_dir = store.run_dir(record.id)
     (run_dir / "config.json").write_text(json.dumps({"train": {"steps": 10}}))
@@ -118,11 +126,14 @@ def test_a_run_its_config_and_its_events_from_a_line_on(comfy, store, new_run):
     assert body["run"]["id"] == record.id and body["config"] == {"train": {"steps": 10}}
     assert body["resumable"] is False and body["has_checkpoint"] is False
     everything = comfy.get(f"/finetune/runs/{record.id}/events").json()
-    assert [e["step"] for e in everything["events"]] == [1, 2, 3, 4, 5] and everything["next"] == 5
-    later = comfy.get(f"/finetune/runs/{record.id}/events", params={"since": 3}).json()
-    assert [e["step"] for e in later["events"]] == [4, 5] and later["next"] == 5
-    assert comfy.get(f"/finetune/runs/{record.id}/events", params={"since": 99}).json()["events"] == []
-    for since in ("-1", "abc", "1.5"):
+    assert [e["step"] for e in everything["events"]] == [1, 2, 3, 4, 5]
+    with open(run_dir / "events.jsonl", "a") as log:
+        log.write('ress", "step": 6}\n')
+    later = comfy.get(f"/finetune/runs/{record.id}/events", params={"since": everything["next"]}).json()
+    assert later["events"] == [{"event": "progress", "step": 6}]
+    end = comfy.get(f"/finetune/runs/{record.id}/events", params={"since": later["next"]}).json()
+    assert end["events"] == [] and end["next"] == later["next"] == (run_dir / "events.jsonl").stat().st_size
+    for since in ("-1", "abc", "1.5", "9" * 5000):
         response = comfy.http.get(f"{comfy.base_url}/finetune/runs/{record.id}/events", params={"since": since})
         assert response.status_code == 400 and "since" in error_of(response)
 
