@@ -104,6 +104,7 @@ def run_training(job: TrainingJob, store: RunStore | None = None) -> RunRecord:
                        created=found.created if found else time.time(), trigger_word=cfg.data.trigger_word,
                        class_noun=cfg.data.class_noun, content_hash=content_hash, prompt_id=job.prompt_id,
                        node_id=job.node_id, step=found.step if (found and resume) else 0)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # an earlier run's; from here on a STOP is a Cancel of this one
     store.save(record)
     remember_prompt(store, record)
     with live(run_id):
@@ -170,7 +171,6 @@ class TrainerProcess:
             command.append("--resume")
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         env["PYTHONPATH"] = os.pathsep.join([str(PACK_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
             log.flush()

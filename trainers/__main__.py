@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .config import Config
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from .events import print_human, print_json_lines
+    from .events import StopSignal, events_to_parent, print_human, print_json_lines
 
+    started = time.time()
     printer = print_json_lines if args.events else print_human
     try:
         cfg = load_config(args.config, args.set)
@@ -63,11 +65,15 @@ def main(argv: list[str] | None = None) -> int:
 
             printer({"event": "plan", **make_plan(cfg).summary()})
             return 0
-        from .events import StopSignal
         from .loop import train
 
-        stop = StopSignal(Path(cfg.output.dir) / cfg.output.name)
+        # A parent process (--events) removes an old STOP before it starts the trainer, so every STOP there is a
+        # Cancel of this run, however early it came; from a shell, one older than this process is stale.
+        stop = StopSignal(Path(cfg.output.dir) / cfg.output.name, since=0.0 if args.events else started)
         stop.install_signal_handlers()
+        if args.events:  # driven by a parent process: stop when it is gone
+            printer = events_to_parent(stop)
+            stop.stop_when_orphaned()
         train(cfg, resume=args.resume, callbacks=[printer], stop=stop)
         return 0
     except FinetuneError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -64,6 +65,26 @@ def print_json_lines(event: dict[str, Any], stream=None) -> None:
     stream = stream or sys.stdout
     stream.write(json.dumps(event, default=str) + "\n")
     stream.flush()
+
+
+def events_to_parent(stop: "StopSignal") -> Callable[[dict[str, Any]], None]:
+    """`print_json_lines` for a parent process that reads stdout; when that pipe breaks (the parent died), the run
+    is asked to stop with a checkpoint, and stdout goes nowhere from then on."""
+    broken = False
+
+    def printer(event: dict[str, Any]) -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            print_json_lines(event)
+        except (BrokenPipeError, ValueError, OSError):
+            broken = True
+            log.warning("the parent process stopped reading the events; stopping with a checkpoint")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more fails at exit
+            stop.request()
+
+    return printer
 
 
 def print_human(event: dict[str, Any]) -> None:
@@ -151,10 +172,12 @@ def tensorboard_listeners(run_dir: Path, enabled: bool) -> list[Callback]:
 class StopSignal:
     """A stop request: set in-process (`request()`), by SIGINT/SIGTERM, or by a `STOP` file in the run folder."""
 
-    def __init__(self, run_dir: Path | None = None):
+    def __init__(self, run_dir: Path | None = None, *, since: float | None = None):
         self._event = threading.Event()
         self.stop_file = run_dir / STOP_FILE_NAME if run_dir is not None else None
         self.external_check: Callable[[], bool] | None = None
+        self.since = time.time() if since is None else since
+        """When this run began: a STOP file written later is a request for it (a Cancel during start-up)."""
 
     def request(self) -> None:
         self._event.set()
@@ -172,6 +195,21 @@ class StopSignal:
         self._event.clear()
         if self.stop_file is not None:
             self.stop_file.unlink(missing_ok=True)
+
+    def clear_stale(self) -> None:
+        """Remove a STOP file left from an earlier run; one written since this run began stays and stops it."""
+        try:
+            if self.stop_file is not None and self.stop_file.stat().st_mtime < self.since:
+                self.stop_file.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+    def stop_when_orphaned(self) -> None:
+        """Also stop when the parent process is gone (the trainer is then re-parented, so its parent id changes):
+        a program that drives the trainer and dies must not leave it training on with the GPU held."""
+        parent = os.getppid()
+        previous = self.external_check
+        self.external_check = lambda: os.getppid() != parent or bool(previous and previous())
 
     def install_signal_handlers(self) -> None:
         """First Ctrl-C/SIGTERM: stop after this step with a checkpoint. A second one: the default behaviour."""

@@ -26,7 +26,7 @@ from .data.captions import tag_frequency
 from .data.dataset import BucketBatchSampler, TrainingDataset, collate
 from .errors import ConfigError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
-from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput, tensorboard_listeners
+from .events import EventLog, StopSignal, Throughput, tensorboard_listeners
 from .methods import Method, RunSummary, method_class
 from .models.loading import load_base_model
 from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
@@ -105,15 +105,16 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
     as an `error` event); the run folder keeps the config, events, checkpoints, samples and the result."""
     plan = make_plan(cfg)
     accelerator = accelerator or _make_accelerator(choose_mixed_precision(plan.cfg.train.mixed_precision))
+    stop = stop or StopSignal(plan.run_dir)
     if accelerator.is_main_process:
-        _claim_run_dir(plan.run_dir, plan.cfg, resume)
+        _claim_run_dir(plan.run_dir, plan.cfg, resume, stop)
         plan.cfg.save(plan.run_dir / "config.json")
     accelerator.wait_for_everyone()
     listeners = [*(callbacks or []), *tensorboard_listeners(
         plan.run_dir, plan.cfg.output.tensorboard and accelerator.is_main_process)]
     events = EventLog(plan.run_dir, listeners, enabled=accelerator.is_main_process)
     try:
-        return _train(plan, resume, events, stop or StopSignal(plan.run_dir), accelerator)
+        return _train(plan, resume, events, stop, accelerator)
     except FinetuneError as exc:
         events.emit("error", message=str(exc), where=exc.where)
         exc.reported = True
@@ -398,13 +399,13 @@ def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "pixels" else v) for k, v in batch.items()}
 
 
-def _claim_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
+def _claim_run_dir(run_dir: Path, cfg: Config, resume: bool, stop: StopSignal) -> None:
     exists = (run_dir / "config.json").exists()
     if exists and not resume and not cfg.output.overwrite:
         raise FinetuneError("a run with this name already exists",
                             "pass --resume to continue it, choose another output.name, or set output.overwrite",
                             where=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE_NAME).unlink(missing_ok=True)
+    stop.clear_stale()
     if not resume:
         (run_dir / "events.jsonl").unlink(missing_ok=True)

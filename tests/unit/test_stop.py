@@ -3,6 +3,12 @@ between steps, and the run resumes from where it stopped."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from trainers.events import StopSignal
@@ -10,6 +16,8 @@ from trainers.loop import train
 
 from test_method_ddpo import ddpo_config
 from train_helpers import make_images, read_events, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class StopAfterArming(StopSignal):
@@ -90,3 +98,51 @@ def test_a_stop_during_ddpo_sampling_drops_the_partial_step_and_resumes_exactly(
     assert len(resumed) == 4
     for step, (want, got) in enumerate(zip(reference, resumed), start=1):
         assert want == pytest.approx(got, abs=1e-5), f"step {step}"
+
+
+def test_a_stop_file_written_while_the_trainer_starts_is_honoured_and_an_older_one_is_not(tmp_path, images):
+    cfg = tiny_config(tmp_path, images, steps=3)
+    run_dir = tmp_path / "runs" / cfg.output.name
+    run_dir.mkdir(parents=True)
+    stop_file = run_dir / "STOP"
+
+    stop_file.write_text("left from an earlier run\n")
+    os.utime(stop_file, (time.time() - 60,) * 2)
+    finished = train(cfg, stop=StopSignal(run_dir, since=time.time() - 1))
+    assert finished.status == "succeeded" and not stop_file.exists()
+
+    cfg.output.overwrite = True
+    started = time.time() - 1  # the trainer began, then the Cancel arrived before it claimed the folder
+    stop_file.write_text("stop requested from ComfyUI\n")
+    stopped = train(cfg, stop=StopSignal(run_dir, since=started))
+    assert stopped.status == "stopped" and stopped.steps_done == 0
+    assert [e["status"] for e in read_events(run_dir) if e["event"] == "done"] == ["stopped"]
+
+
+def test_an_orphaned_trainer_is_asked_to_stop(monkeypatch):
+    stop = StopSignal()
+    stop.stop_when_orphaned()
+    assert not stop.requested()
+
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented: the process that started it is gone
+
+    assert stop.requested()
+
+
+def test_a_broken_events_pipe_asks_the_trainer_to_stop_and_nothing_more_is_written():
+    script = ("import sys, time\n"
+              "from trainers.events import StopSignal, events_to_parent\n"
+              "stop = StopSignal()\nprinter = events_to_parent(stop)\n"
+              "printer({'event': 'plan'})\n"
+              "sys.stdin.readline()\n"  # the parent closes its end of stdout, then says go on
+              "for n in range(3):\n    printer({'event': 'progress', 'step': n})\n"
+              "print('stop requested' if stop.requested() else 'still training', file=sys.stderr)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().startswith('{"event": "plan"')
+    child.stdout.close()
+    child.stdin.write("go\n")
+    child.stdin.close()
+    error = child.stderr.read()
+    assert child.wait(timeout=60) == 0
+    assert "stop requested" in error and "Traceback" not in error
