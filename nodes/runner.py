@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -23,7 +24,8 @@ from typing import Any, NoReturn
 
 from ..trainers.config import Config
 from ..trainers.errors import FinetuneError
-from ..trainers.io import atomic_path, atomic_write_text, unique_path
+from ..trainers.errors import DiskFullError
+from ..trainers.io import atomic_path, atomic_write_text, is_disk_full, unique_path
 from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done)
 from .saved_prompts import remember_prompt
 from .types import NodeError, TrainingImages, mask_to_pil, node_error, pixels_to_pil
@@ -32,6 +34,7 @@ PACK_DIR = Path(__file__).resolve().parents[1]
 REQUEST_FILE, MANIFEST_FILE, LOG_FILE = "request.json", "manifest.jsonl", "train.log"
 POLL_S = 0.2
 RECORD_SAVE_EVERY_S = 1.0
+log = logging.getLogger("comfyui-finetune")
 STOP_WAIT_S = float(os.environ.get("COMFYUI_FINETUNE_STOP_WAIT_S", "30"))
 """How long a cancelled run may take to save its checkpoint before its process is killed."""
 IDLE_TIMEOUT_S = float(os.environ.get("COMFYUI_FINETUNE_IDLE_TIMEOUT_S", "1800"))
@@ -81,8 +84,19 @@ class TrainingJob:
 
 def run_training(job: TrainingJob, store: RunStore | None = None) -> RunRecord:
     """Train (or resume, or reuse) the run for `job`; returns its succeeded record. Cancel raises ComfyUI's
-    interrupt; a failure raises NodeError with the trainer's own message."""
+    interrupt; a failure raises NodeError with the trainer's own message; a full disk says so, naming the folder."""
     store = store or RunStore()
+    try:
+        return _run_training(job, store)
+    except FinetuneError as exc:  # from our own writes here (e.g. a DiskFullError)
+        raise NodeError(str(exc)) from None
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise NodeError(str(DiskFullError(Path(exc.filename or store.root).parent))) from None
+        raise
+
+
+def _run_training(job: TrainingJob, store: RunStore) -> RunRecord:
     content_hash = job.content_hash()
     run_id = f"{_slug(job.name)}_{content_hash[:10]}"
     found = store.get(run_id)
@@ -355,7 +369,10 @@ class TrainerProcess:
     def _save_record(self, *, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self.last_saved >= RECORD_SAVE_EVERY_S:
-            self.store.save(self.record)
+            try:
+                self.store.save(self.record)
+            except FinetuneError as exc:  # a full disk: the dashboard settles the record from the trainer's pid
+                log.warning("comfyui-finetune: cannot save the run record of %s (%s)", self.record.id, exc)
             self.last_saved = now
 
 

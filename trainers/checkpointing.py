@@ -3,7 +3,9 @@
 Layout: `<run>/checkpoints/step_000123/` with `trainable.safetensors`, `extra.safetensors` (e.g. EMA weights),
 `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16's loss scale), `rng_<rank>.pt` (one per process: its noise
 generator and its global torch RNG, which draws dropout masks) and `state.json`. A checkpoint folder is written under
-a temporary name and renamed, so a crash never leaves a half checkpoint that `--resume` would pick up.
+a temporary name, flushed to the disk and renamed, so a crash never leaves a half checkpoint that `--resume` would
+pick up; one of the same step is replaced by renaming the new one into place before the old one is removed. A full
+disk is a DiskFullError naming the folder, with the partial folder removed.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import FinetuneError
+from .io import disk_full_named, fsync_file, fsync_tree
 
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
+OLD_SUFFIX = ".old"
 LEGACY_RNG_FILE = "rng.pt"  # checkpoints written before each process saved its own RNG: the noise generator only
 
 
@@ -56,6 +60,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return None
+    _restore_set_aside(folder)
     done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
                   and (p / "state.json").is_file())
     return done[-1] if done else None
@@ -69,18 +74,43 @@ def save_checkpoint(run_dir: Path, state: LoopState, method, resumables: Resumab
     final = folder / f"{STEP_PREFIX}{state.step:06d}"
     tmp = folder / f".{final.name}.part"
     processes.wait_for_everyone()
-    if processes.is_main_process:
+    try:
+        with disk_full_named(folder):
+            if processes.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            processes.wait_for_everyone()
+            torch.save(_rng_state(resumables.generator), tmp / _rng_file(processes.process_index))
+            processes.wait_for_everyone()
+            if processes.is_main_process:
+                _write_main_state(tmp, state, method, resumables)
+                fsync_tree(tmp)
+                replace_folder(tmp, final)
+                _prune(folder, keep=max(1, keep))
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    processes.wait_for_everyone()
-    torch.save(_rng_state(resumables.generator), tmp / _rng_file(processes.process_index))
-    processes.wait_for_everyone()
-    if processes.is_main_process:
-        _write_main_state(tmp, state, method, resumables)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(folder, keep=max(1, keep))
+        raise
     return final
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the whole folder `new` at `final`: the new one is renamed into place before the old one is removed, so
+    a power cut leaves one of them whole (an old one set aside is put back by `latest_checkpoint`)."""
+    old = final.with_name(f".{final.name}{OLD_SUFFIX}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    fsync_file(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_set_aside(folder: Path) -> None:
+    """A checkpoint set aside for its replacement, whose replacement never arrived (a crash in between), goes back."""
+    for old in folder.glob(f".{STEP_PREFIX}*{OLD_SUFFIX}"):
+        final = old.with_name(old.name[1:-len(OLD_SUFFIX)])
+        if not final.exists():
+            os.replace(old, final)
 
 
 def load_checkpoint(path: Path, resumables: Resumables, *, rank: int = 0):

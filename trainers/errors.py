@@ -30,3 +30,12 @@ class ModelError(FinetuneError):
 
 class NonFiniteLoss(FinetuneError):
     """The loss became NaN or infinite."""
+
+
+class DiskFullError(FinetuneError):
+    """The disk (or the user's quota) is full while writing into a folder."""
+
+    def __init__(self, folder):
+        super().__init__("disk full", f"free some space on the disk of {folder}, then run again (a resumed run "
+                                      "continues from its last checkpoint)", where=str(folder))
+

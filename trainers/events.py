@@ -41,8 +41,11 @@ class EventLog:
         if not self.enabled:
             return event
         if self._file is not None:
-            self._file.write(json.dumps(event, default=str) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(event, default=str) + "\n")
+                self._file.flush()
+            except OSError as exc:  # a full disk: the listeners (the parent process) still hear of it
+                log.warning("cannot append to events.jsonl (%s)", exc)
         for callback in self.callbacks:
             try:
                 callback(event)

@@ -24,9 +24,10 @@ from .checkpointing import LoopState, Resumables, latest_checkpoint, load_checkp
 from .config import Config
 from .data.captions import tag_frequency
 from .data.dataset import BucketBatchSampler, TrainingDataset, collate
-from .errors import ConfigError, FinetuneError, NonFiniteLoss
+from .errors import ConfigError, DiskFullError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
 from .events import EventLog, StopSignal, Throughput, tensorboard_listeners
+from .io import is_disk_full
 from .methods import Method, RunSummary, method_class
 from .models.loading import load_base_model
 from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
@@ -120,6 +121,11 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
         exc.reported = True
         raise
     except Exception as exc:
+        if is_disk_full(exc):  # a write the io helpers do not wrap (torch.save of samples, logs...)
+            full = DiskFullError(Path(exc.filename).parent if getattr(exc, "filename", None) else plan.run_dir)
+            events.emit("error", message=str(full), where=full.where)
+            full.reported = True
+            raise full from None
         events.emit("error", message=f"{type(exc).__name__}: {exc}")
         raise
     finally:
