@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,6 +408,27 @@ def fill_template(text: str, trigger: str, class_noun: str) -> str:
 
 
 # ---- validation ------------------------------------------------------------------------------------------
+NAME_BYTES = 200
+"""Longest output name (UTF-8 bytes): room for "_2" and ".safetensors" within the 255 bytes file systems allow."""
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))}
+CAPTION_EXTENSION = re.compile(r"^\.?[A-Za-z0-9_-]{1,16}$")
+
+
+def file_name_problem(name: str) -> str:
+    """Why `name` cannot be a file name on every system the results travel to ("" when it can)."""
+    if not name.strip() or name in (".", ".."):
+        return "empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it has a control character"
+    if any(c in name for c in '/\\:*?"<>|'):
+        return "it has one of / \\ : * ? \" < > |"
+    if len(name.encode("utf-8")) > NAME_BYTES:
+        return f"longer than {NAME_BYTES} bytes"
+    if name.split(".")[0].strip().upper() in WINDOWS_RESERVED or name.endswith((".", " ")):
+        return "Windows reserves it"
+    return ""
+
+
 def _check(ok: bool, where: str, problem: str, fix: str) -> None:
     if not ok:
         raise ConfigError(problem, fix, where=where)
@@ -427,6 +449,8 @@ def validate(cfg: Config) -> None:
            "use 64")
     _check(d.min_bucket_side > 0 and (d.max_bucket_side == 0 or d.min_bucket_side <= d.max_bucket_side),
            "data.min_bucket_side", "must be positive and not above data.max_bucket_side", "e.g. 256 and 1024")
+    _check(bool(CAPTION_EXTENSION.match(d.caption_extension.strip())), "data.caption_extension",
+           f"{d.caption_extension!r} is not a file extension", "use e.g. .txt or .caption")
     _check(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}", "use e.g. 0.05")
     _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",
            f"must be in [0, 1), got {d.validation_fraction}", "use e.g. 0.1, or 0 for none")
@@ -466,8 +490,9 @@ def validate(cfg: Config) -> None:
         _check(bool(d.class_noun.strip()) or "{class}" not in db.class_prompt, "data.class_noun",
                "DreamBooth needs a class noun (what the subject is, e.g. 'person', 'dog')", "set data.class_noun")
     _check(0.0 < cfg.full.ema_decay < 1.0, "full.ema_decay", f"must be in (0, 1), got {cfg.full.ema_decay}", "use e.g. 0.999")
-    _check(bool(o.name.strip()) and not any(c in o.name for c in '/\\:*?"<>|') and o.name not in (".", ".."),
-           "output.name", f"{o.name!r} is not a usable file name", "use letters, digits, '-' and '_'")
+    problem = file_name_problem(o.name)
+    _check(not problem, "output.name", f"{o.name!r} is not a usable file name ({problem})",
+           "use letters, digits, '-' and '_'")
     for name in ("checkpoint_every", "save_every", "sample_every", "validation_every", "keep_checkpoints"):
         _check(getattr(o, name) >= 0, f"output.{name}", f"must not be negative, got {getattr(o, name)}", "use 0 to disable")
     _check(o.sample_steps >= 1, "output.sample_steps", f"must be at least 1, got {o.sample_steps}", "use e.g. 20")

@@ -114,9 +114,10 @@ def _model_size(base: str) -> int | None:
             with open(path, "rb") as f:
                 header_len = struct.unpack("<Q", f.read(8))[0]
                 header = json.loads(f.read(header_len))
-        except (OSError, struct.error, ValueError, MemoryError):
+            # a header is a JSON object of {"data_offsets": [begin, end], ...} entries
+            return sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0])
+                       for k, v in header.items() if k != "__metadata__")
+        except (OSError, struct.error, ValueError, MemoryError, AttributeError, KeyError, IndexError, TypeError):
             raise ModelError("the file is not a readable .safetensors file (truncated or corrupt?)",
                              "download it again or pick another checkpoint", where=str(path)) from None
-        sizes = [v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"]
-        return sum(sizes)
     return path.stat().st_size

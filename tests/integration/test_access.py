@@ -172,3 +172,24 @@ def test_two_links_to_the_folder_itself_do_not_wedge_the_queue(comfy, comfy_serv
             (folder / name).symlink_to(".", target_is_directory=True)
 
     assert comfy.run(preview("looping"), timeout=120).status == "success"
+
+
+@pytest.mark.parametrize("name", ["nul\x00byte", "x" * 300, "bell\x07", "CON"])
+def test_an_unusable_name_is_refused_before_any_trainer_starts(comfy, comfy_server, tiny_checkpoint, name):
+    folder = copy_robots(comfy_server.input_dir / "names_set")
+    runs = comfy_server.output_dir / "finetune"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+
+    result = comfy.run(lora_graph(folder.name, tiny_checkpoint, name=name), timeout=120)
+
+    assert_clear_node_error(result, "FinetuneTrainLoRA", ["`name`", "is not a usable file name"], repr(name))
+    assert (set(runs.iterdir()) if runs.is_dir() else set()) == before, "a run folder was made"
+
+
+def test_a_caption_extension_that_leaves_the_folder_is_refused(comfy, comfy_server, tiny_checkpoint):
+    folder = copy_robots(comfy_server.input_dir / "extension_set")
+
+    result = comfy.run(lora_graph(folder.name, tiny_checkpoint, advanced=TINY_RUN + '[data]\ncaption_extension = "/x"'),
+                       timeout=120)
+
+    assert_clear_node_error(result, "FinetuneTrainLoRA", ["caption_extension", "is not a file extension"])

@@ -176,3 +176,33 @@ def test_the_readme_config_reference_is_generated_from_the_current_config():
     import config_reference
 
     assert config_reference.main(["--check"]) == 0, "run: python scripts/config_reference.py"
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x" * 300, "bad\x1bname", "CON", "lpt1.backup", "trailing."])
+def test_a_name_no_file_system_takes_is_refused_with_the_reason(name):
+    cfg = Config.from_dict({"model": {"base": "x"}, "data": {"folder": "f"}, "output": {"name": name}})
+    with pytest.raises(ConfigError, match="is not a usable file name") as refused:
+        cfg.validate()
+    assert refused.value.where == "output.name"
+
+
+@pytest.mark.parametrize("extension", ["/x", "../txt", "", ".t\x00xt", "." + "x" * 40])
+def test_a_caption_extension_that_is_not_one_is_refused(extension):
+    cfg = Config.from_dict({"model": {"base": "x"}, "data": {"folder": "f", "caption_extension": extension}})
+    with pytest.raises(ConfigError, match="is not a file extension") as refused:
+        cfg.validate()
+    assert refused.value.where == "data.caption_extension"
+
+
+def test_a_safetensors_header_that_is_a_json_list_is_a_clear_model_error(tmp_path):
+    import struct
+
+    from trainers.errors import ModelError
+    from trainers.plan import _model_size
+
+    path = tmp_path / "odd.safetensors"
+    header = b"[1, 2, 3]"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+    with pytest.raises(ModelError, match="not a readable .safetensors file"):
+        _model_size(str(path))
