@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .access import ALLOW_HOSTS_ENV, comfyui_listen_address, host_allowed, origin_allowed, settings_file
-from .runs import ACTIVE_STATUSES, RunRecord, RunStore, has_checkpoint
+from .runs import ACTIVE_STATUSES, RunRecord, RunStore, has_checkpoint, still_ours
 from .saved_prompts import load_prompt
 
 log = logging.getLogger("comfyui-finetune")
@@ -230,7 +230,8 @@ async def delete_lora(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not name.endswith(".safetensors") or name.startswith(".") or any(c in name for c in "/\\\x00:"):
         raise RequestError(400, f"not a LoRA file name: {name!r}")
-    ours = next((lora for lora in RunStore().made_loras() if lora["name"] == name), None)
+    store = RunStore()
+    ours = next((lora for lora in store.made_loras() if lora["name"] == name), None)
     if ours is None:
         if folder_paths.get_full_path("loras", name) is not None:
             raise RequestError(403, f"{name} was not made by a fine-tune run; delete it yourself if you mean to")
@@ -239,6 +240,10 @@ async def delete_lora(request: web.Request) -> web.Response:
     folders = [Path(folder) for folder in folder_paths.get_folder_paths("loras")]
     if path.name != name or not any(is_contained(path, folder) for folder in folders):
         raise RequestError(403, f"{name} is not inside a models/loras folder; it is left alone")
+    if not still_ours(store.get(ours["run_id"])):
+        raise RequestError(409, f"{name} is no longer the file run {ours['run_id']} wrote (it was replaced, or the "
+                                "run is older than the pack's record of file sizes and hashes); it is left alone — "
+                                "delete it yourself if you mean to")
     path.unlink()
     return web.json_response({"deleted": name, "run_id": ours["run_id"]})
 

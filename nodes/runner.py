@@ -26,7 +26,8 @@ from ..trainers.config import Config
 from ..trainers.errors import FinetuneError
 from ..trainers.errors import DiskFullError
 from ..trainers.io import atomic_path, atomic_write_text, is_disk_full, unique_path
-from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done)
+from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done,
+                   still_ours)
 from .saved_prompts import remember_prompt
 from .types import NodeError, TrainingImages, mask_to_pil, node_error, pixels_to_pil
 
@@ -100,7 +101,7 @@ def _run_training(job: TrainingJob, store: RunStore) -> RunRecord:
     content_hash = job.content_hash()
     run_id = f"{_slug(job.name)}_{content_hash[:10]}"
     found = store.get(run_id)
-    if found is not None and found.status == "succeeded" and Path(found.outputs.get("path", "")).is_file():
+    if found is not None and found.status == "succeeded" and still_ours(found):
         return found
     if found is not None and found.status in ACTIVE_STATUSES:
         raise NodeError(f"this exact training is already running (run {run_id}) — wait for it to finish, or stop "

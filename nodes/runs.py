@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..trainers.io import atomic_write_text
+from ..trainers.io import atomic_write_text, file_fingerprint, same_file
 
 log = logging.getLogger("comfyui-finetune")
 
@@ -62,7 +62,7 @@ class RunRecord:
     error: str = ""
     outputs: dict[str, Any] = field(default_factory=dict)
     """"lora", "checkpoint", "embedding" or "controlnet": the file's name in its models folder, "path": its full path,
-    "samples": sample images relative to the run folder."""
+    "file": its size and hash when written, "samples": sample images relative to the run folder."""
     trigger_word: str = ""
     class_noun: str = ""
     content_hash: str = ""
@@ -94,6 +94,13 @@ class RunRecord:
         if record.status not in STATUSES:
             raise ValueError(f"unknown status {record.status!r}")
         return record
+
+
+def still_ours(record: RunRecord) -> bool:
+    """Whether the run's result file is still the one it wrote (not deleted, not replaced by another file of that
+    name). A record from before sizes and hashes were kept cannot tell, and answers False."""
+    path, written = record.outputs.get("path", ""), record.outputs.get("file")
+    return bool(path) and isinstance(written, dict) and same_file(Path(path), written)
 
 
 class RunStore:
@@ -237,11 +244,16 @@ def settle_from_events(record: RunRecord, events: list[dict[str, Any]], run_dir:
 
 
 def outputs_from_done(done: dict[str, Any], run_dir: Path, kind: str) -> dict[str, Any]:
-    """A record's `outputs` from the trainer's `done` event; the result lies directly in its models folder."""
+    """A record's `outputs` from the trainer's `done` event; the result lies directly in its models folder. `file`
+    (size and hash) tells later whether the file there still is the one the run wrote."""
     produced = done.get("outputs", {})
     model = Path(produced["model"])
     samples = [Path(p) for key, p in sorted(produced.items()) if key.startswith("sample_")]
-    return {kind: model.name, "path": str(model),
+    try:
+        written = file_fingerprint(model)
+    except OSError:
+        written = {}
+    return {kind: model.name, "path": str(model), "file": written,
             "samples": [p.relative_to(run_dir).as_posix() if p.is_relative_to(run_dir) else str(p) for p in samples]}
 
 

@@ -19,7 +19,7 @@ from .access import confine_settings
 from .charts import LossHistory, loss_chart
 from .choices import DEFAULT_ALGORITHM, DEFAULT_OPTIMIZER, algorithm_input, learning_rate_input, optimizer_input
 from .runner import TrainingJob, run_training
-from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata
+from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata, still_ours
 from .types import DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, image_batch, node_error
 from .validation import check_inputs
 
@@ -257,11 +257,11 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def fingerprint(base_checkpoint: str, name: str) -> str:
-    """What ComfyUI cannot see by itself: the base file replaced in place, or a result of ours deleted."""
+    """What ComfyUI cannot see by itself: the base file replaced in place, or a result of ours deleted or replaced."""
     path = folder_paths.get_full_path("checkpoints", base_checkpoint) if base_checkpoint else None
     stat = Path(path).stat() if path else None
     missing = sorted(r.id for r in RunStore().list() if r.name == name.strip() and r.status == "succeeded"
-                     and not Path(r.outputs.get("path", "")).is_file())
+                     and not still_ours(r))
     return json.dumps([base_checkpoint, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0, missing])
 
 

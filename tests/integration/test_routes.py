@@ -4,6 +4,7 @@ tiny training is followed, cancelled and resumed through them; only LoRAs our ru
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import importlib
 import json
@@ -283,7 +284,10 @@ def lora_of_ours(new_run, loras_dir, cleanup):
         if not path.exists() and not path.is_symlink():
             path.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
         cleanup(path)
-        record = new_run("succeeded", trigger_word="sks", outputs={"lora": path.name, "path": str(path), "samples": []})
+        written = path.read_bytes() if path.is_file() else b""
+        record = new_run("succeeded", trigger_word="sks", outputs={
+            "lora": path.name, "path": str(path), "samples": [],
+            "file": {"size": len(written), "sha256": hashlib.sha256(written).hexdigest()}})
         return record, path
 
     return make
@@ -309,6 +313,20 @@ def test_deleting_our_lora_removes_only_that_file(comfy, lora_of_ours, loras_dir
     assert response.status_code == 200 and response.json()["deleted"] == path.name
     assert not path.exists() and other.is_file()
     assert path.name not in {lora["name"] for lora in comfy.get("/finetune/loras").json()["loras"]}
+
+
+def test_delete_leaves_a_file_saved_later_under_our_loras_name(comfy, lora_of_ours, new_run, loras_dir, cleanup):
+    _, replaced = lora_of_ours()
+    replaced.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{} the user's own LoRA, saved over ours")
+    unrecorded = loras_dir / f"old_{uuid.uuid4().hex[:8]}.safetensors"
+    unrecorded.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    cleanup(unrecorded)
+    new_run("succeeded", outputs={"lora": unrecorded.name, "path": str(unrecorded), "samples": []})
+
+    for path in (replaced, unrecorded):
+        response = comfy.http.delete(f"{comfy.base_url}/finetune/loras/{path.name}")
+        assert response.status_code == 409 and "no longer the file" in error_of(response), path.name
+        assert path.is_file()
 
 
 def test_delete_refuses_a_lora_we_did_not_make(comfy, loras_dir, cleanup):
