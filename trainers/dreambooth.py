@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import Config, fill_template
 from .data.dataset import Item, TrainingDataset, scan_class_images
 from .errors import DataError
+from .io import file_fingerprint
 from .models.loading import BaseModel
 from .sampling import generate_images, save_png
 
@@ -22,10 +23,21 @@ def instance_prompt(cfg: Config) -> str:
 
 
 def class_image_cache(cfg: Config, base: BaseModel, cache_root: Path) -> Path:
-    """Generated class images depend on the base model, the prompt and the resolution: one folder per combination."""
-    key = "|".join([str(base.source), class_prompt(cfg), str(cfg.data.resolution), base.family.name,
-                    str(cfg.dreambooth.class_generation_steps)])
+    """Generated class images depend on the base model (its content, not its path: a file replaced under the same
+    name makes other images), the VAE, the prompt and the resolution: one folder per combination."""
+    key = "|".join([model_identity(str(base.source)), model_identity(cfg.model.vae), class_prompt(cfg),
+                    str(cfg.data.resolution), base.family.name, str(cfg.dreambooth.class_generation_steps)])
     return cache_root / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def model_identity(source: str) -> str:
+    """A local model's content (each weight file's size and hash), or a hub id as it is."""
+    path = Path(source).expanduser() if source else None
+    if path is None or not path.exists():
+        return source
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                  and p.suffix in (".safetensors", ".bin", ".ckpt", ".pt"))
+    return ",".join(f"{p.relative_to(path) if p != path else ''}:{file_fingerprint(p)['sha256']}" for p in files)
 
 
 def ensure_class_images(cfg: Config, base: BaseModel, cache_root: Path, *, on_progress=None,

@@ -167,3 +167,27 @@ def test_dreambooth_lora_learns_the_instance_and_prior_preservation_protects_the
     assert without[1] >= 1.5 * base[1], table
     # ... and prior preservation keeps that change to at most half
     assert ratio <= 0.5, table
+
+
+def test_the_class_image_cache_follows_the_checkpoints_content_not_its_path(tmp_path):
+    import shutil
+    import types
+
+    from trainers.config import Config
+    from trainers.dreambooth import class_image_cache
+
+    def folder_for(checkpoint):
+        cfg = Config.from_dict({"model": {"base": str(checkpoint)}, "data": {"folder": "x", "class_noun": "dog"}})
+        base = types.SimpleNamespace(source=checkpoint, family=types.SimpleNamespace(name="sd1"))
+        return class_image_cache(cfg, base, tmp_path / "cache")
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"first weights")
+    first = folder_for(checkpoint)
+    copy = tmp_path / "elsewhere" / "renamed.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(checkpoint, copy)
+
+    assert folder_for(copy) == first
+    checkpoint.write_bytes(b"other weights, same name")
+    assert folder_for(checkpoint) != first
