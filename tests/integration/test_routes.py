@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
+import stat
 import importlib
 import json
 import shutil
@@ -390,6 +392,10 @@ def training_graph(checkpoint: str, folder: str, name: str, steps: int) -> dict:
     }
 
 
+def sample_path(record: dict) -> str:
+    return record["outputs"]["samples"][0]
+
+
 def test_a_real_training_is_followed_cancelled_and_resumed(comfy, comfy_server, tiny_checkpoint, robots, cleanup):
     name = f"routes_{uuid.uuid4().hex[:6]}"
     with comfy.events() as events:
@@ -419,6 +425,10 @@ def test_a_real_training_is_followed_cancelled_and_resumed(comfy, comfy_server, 
     assert finished["status"] == "succeeded" and finished["step"] == STEPS
     lora = Path(finished["outputs"]["path"])
     cleanup(lora)
+    umask = os.umask(0o022)
+    os.umask(umask)  # the server's: it inherits this process's
+    for written in (lora, Path(comfy_server.output_dir) / "finetune" / run_id / sample_path(finished)):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, f"{written} has mkstemp's private mode"
     progress = [e["step"] for e in comfy.get(f"/finetune/runs/{run_id}/events").json()["events"]
                 if e["event"] == "progress"]
     assert progress[-1] == STEPS and stopped_at + 1 in progress[progress.index(stopped_at) + 1:]
