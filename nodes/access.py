@@ -147,7 +147,9 @@ def host_allowed(header: str, listen: str) -> bool:
 
 # ---- trainer settings that name a path ----------------------------------------------------------------------------
 SETTING_PATHS = {("data", "validation_folder"): None, ("dreambooth", "class_folder"): None,
-                 ("ddpo", "prompt_file"): None, ("model", "vae"): "vae"}
+                 ("controlnet", "control_folder"): None, ("ddpo", "prompt_file"): None,
+                 ("ddpo", "reference_folder"): None, ("model", "vae"): "vae", ("ddpo", "reward_model"): "reward_models",
+                 ("ddpo", "aesthetic_head"): "reward_models"}
 """The `advanced` settings that name a file or folder, and their models/ folder (None: data, from input/)."""
 
 

@@ -117,7 +117,9 @@ def test_a_blip_model_outside_models_blip_is_refused(comfy, comfy_server):
 @pytest.mark.parametrize("setting", ["[data]\nvalidation_folder = '{outside}'",
                                      "[dreambooth]\nclass_folder = '{outside}'",
                                      "[model]\nvae = '../../../../../../../../{outside}'",
-                                     "[ddpo]\nprompt_file = '{outside}/robot_01.txt'"])
+                                     "[ddpo]\nprompt_file = '{outside}/robot_01.txt'",
+                                     "[controlnet]\ncontrol_folder = '{outside}'",
+                                     "[ddpo]\nreward_model = '{outside}'"])
 def test_path_settings_in_advanced_are_confined(comfy, comfy_server, tiny_checkpoint, outside, setting):
     folder = copy_robots(comfy_server.input_dir / "advanced_set")
     advanced = TINY_RUN + setting.format(outside=outside)
