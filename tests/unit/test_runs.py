@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import hashlib
 import json
 import subprocess
 import sys
@@ -141,7 +142,10 @@ def test_a_run_whose_trainer_finished_after_a_restart_is_settled_as_succeeded(ru
     record = store.list()[0]
     assert record.status == "succeeded"
     assert record.outputs == {"lora": "portrait_2.safetensors", "path": str(lora),
+                              "file": {"size": lora.stat().st_size,
+                                       "sha256": hashlib.sha256(lora.read_bytes()).hexdigest()},
                               "samples": ["samples/step_000004_0.png"]}
+    assert runs.still_ours(record)
     made = store.made_loras()
     assert [m["name"] for m in made] == ["portrait_2.safetensors"] and made[0]["trigger_word"] == "sks"
     assert made[0]["metadata"]["family"] == "sd1" and made[0]["metadata"]["rank"] == "4"
@@ -169,7 +173,9 @@ def test_an_embedding_or_controlnet_run_settled_after_a_restart_is_not_a_lora(ru
     write_events(run_dir, [{"event": "done", "status": "succeeded", "step": 4, "outputs": {"model": str(result)}}])
     record = store.get("done_late")
     assert record.status == "succeeded"
-    assert record.outputs == {kind: "concept.safetensors", "path": str(result), "samples": []}
+    assert record.outputs == {kind: "concept.safetensors", "path": str(result), "samples": [],
+                              "file": {"size": result.stat().st_size,
+                                       "sha256": hashlib.sha256(result.read_bytes()).hexdigest()}}
     assert "lora" not in json.loads((run_dir / "run.json").read_text())["outputs"]
     assert store.made_loras() == []
 
