@@ -146,13 +146,15 @@ def test_blip_caption_overwrites_captions_of_an_image_batch_and_writes_no_files(
     assert sorted(comfy_server.input_dir.rglob("*.txt")) == before, "a caption file was written for pixels"
 
 
-def test_blip_caption_offline_without_the_model_says_where_to_put_it(comfy, comfy_server, tmp_path):
-    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+def test_blip_caption_offline_without_the_model_says_where_to_put_it(comfy, comfy_server):
+    folder = comfy_server.input_dir / "offline_caption"
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
 
-    message = run_error(comfy, caption_graph(tmp_path, model="Salesforce/blip-image-captioning-large"))
+    message = run_error(comfy, caption_graph(folder, model="Salesforce/blip-image-captioning-large"))
 
     assert "not downloaded" in message and str(comfy_server.models_dir / "blip" / "blip-image-captioning-large") in message
-    assert "Traceback" not in message and not (tmp_path / "a.txt").exists()
+    assert "Traceback" not in message and not (folder / "a.txt").exists()
 
 
 # ---- Apply LoRA --------------------------------------------------------------------------------------------
