@@ -92,12 +92,14 @@ def within(path: str, root: str) -> bool:
 def confine(text: str, roots: list[Path], input_name: str) -> Path:
     """The path `text` names (absolute, or relative to the first root), or a NodeError when it lies outside
     every root."""
+    if "\x00" in text:
+        raise NodeError(f"`{input_name}`: {text!r} has a NUL character — type the path again")
     path = Path(text).expanduser()
     if not path.is_absolute():
         path = roots[0] / path
     if not inside(path, roots):
         raise NodeError(f"`{input_name}`: {text} is outside the folders the pack may use "
-                          f"({', '.join(str(root) for root in roots)}) — put it inside {roots[0]}, {how_to_allow()}")
+                        f"({', '.join(str(root) for root in roots)}) — put it inside {roots[0]}, {how_to_allow()}")
     return path
 
 

@@ -74,6 +74,12 @@ def test_a_folder_outside_input_is_refused_with_how_to_allow_it(comfy, outside, 
                             ["`path`", "outside the folders", "COMFYUI_FINETUNE_ALLOW_FOLDERS", "access.toml"], case)
 
 
+def test_a_path_with_a_nul_byte_is_one_clear_error(comfy):
+    result = comfy.run(preview("photos\x00/../../etc"), timeout=120)
+
+    assert_clear_node_error(result, "FinetuneLoadTrainingImages", ["`path`", "NUL character"])
+
+
 def test_a_folder_value_not_among_the_options_is_refused_before_running(comfy, outside):
     with pytest.raises(PromptRejected) as refused:
         comfy.submit(preview(folder=str(outside)))
