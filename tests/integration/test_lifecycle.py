@@ -57,8 +57,8 @@ def events_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def test_a_cancel_while_the_trainer_starts_is_not_lost(start_extra_server, tiny_checkpoint):
-    server = start_extra_server()
+def test_a_cancel_while_the_trainer_starts_is_not_lost(comfy_server, tiny_checkpoint):
+    server = comfy_server
     client = ComfyClient(server.base_url)
     prompt_id = client.submit(long_training(robots(server), tiny_checkpoint, "early_cancel"))
     record = wait_for_record(server, "early_cancel",
