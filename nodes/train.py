@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import folder_paths
 from comfy_api.v0_0_2 import io, ui
 
+from ..trainers import toml_reader
 from ..trainers.config import fill_template
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path
@@ -234,8 +234,8 @@ def parse_advanced(text: str) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        data = json.loads(text) if text.startswith("{") else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = json.loads(text) if text.startswith("{") else toml_reader.loads(text)
+    except (json.JSONDecodeError, toml_reader.TOMLDecodeError) as exc:
         raise NodeError(f"`advanced` is not valid {'JSON' if text.startswith('{') else 'TOML'} ({exc}) — write "
                         f"sections of settings, e.g. {ADVANCED_EXAMPLE!r}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

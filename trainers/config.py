@@ -10,11 +10,11 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from . import toml_reader
 from .errors import ConfigError
 
 Method = Literal["lora", "full", "textual_inversion", "controlnet", "ddpo"]
@@ -342,8 +342,8 @@ class Config:
         except UnicodeDecodeError:
             raise ConfigError("the file is not UTF-8 text", "save it as UTF-8", where=str(path)) from None
         try:
-            data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            data = toml_reader.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        except (toml_reader.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot parse the file ({exc})", "fix the syntax", where=str(path)) from None
         return cls.from_dict(data, source=str(path))
 
