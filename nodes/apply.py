@@ -50,9 +50,9 @@ class ApplyLoRA(io.ComfyNode):
                 io.Model.Output("lora_model", display_name="model",
                                 tooltip="The diffusion model with the LoRA applied."),
                 io.Clip.Output("lora_clip", display_name="clip", tooltip="The text encoder with the LoRA applied."),
-                io.String.Output("report", tooltip="Which LoRA, its family and kind (LoRA, LoHa or LoKr), and how many of "
-                                                   "its layers were applied "
-                                                   "to the model and to the text encoder."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="Which LoRA, its family and kind (LoRA, LoHa or LoKr), and how many of "
+                                         "its layers were applied to the model and to the text encoder."),
             ],
         )
 

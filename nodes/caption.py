@@ -80,7 +80,7 @@ class BLIPCaption(io.ComfyNode):
             outputs=[
                 DatasetType.Output("captioned_dataset", display_name="dataset",
                                    tooltip="The same images with the new captions; connect to a Train node."),
-                io.String.Output("captions", tooltip="Every image's caption, one line per image, in dataset order."),
+                io.String.Output("captions", display_name="captions", tooltip="Every image's caption, one line per image, in dataset order."),
             ],
         )
 

@@ -85,7 +85,7 @@ class ControlNetCondition(io.ComfyNode):
                                        tooltip="The positive conditioning, now guided by the map."),
                 io.Conditioning.Output("guided_negative", display_name="negative",
                                        tooltip="The negative conditioning, now guided by the map."),
-                io.Image.Output("control_map", tooltip="The map the ControlNet sees, at the control image's size."),
+                io.Image.Output("control_map", display_name="control_map", tooltip="The map the ControlNet sees, at the control image's size."),
             ],
         )
 

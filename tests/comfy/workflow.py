@@ -1,7 +1,8 @@
 """Turn a workflow saved by ComfyUI's frontend (nodes, links, widgets_values) into the API graph `POST /prompt`
 takes, following the frontend's own "Queue" step: widget values are matched to input names through
 `/object_info`, Reroutes are followed, PrimitiveNodes give their value, muted nodes are left out and
-bypassed nodes are passed through.
+bypassed nodes are passed through. A widget the node gained after the workflow was saved (newer ComfyUI, e.g.
+`resolution_steps` of ImageScaleToTotalPixels in 0.33) gets its default, as the frontend gives it.
 """
 
 from __future__ import annotations
@@ -72,11 +73,25 @@ def widget_inputs(node: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         known = set(widget_slots(info))
         return {name: _wrap(value) for name, value in values.items() if name in known}
     inputs: dict[str, Any] = {}
-    for name, value in zip(widget_slots(info), values):
+    slots = widget_slots(info)
+    for name, value in zip(slots, values):
         if name is not None:
             _check_value_type(node, info, name, value)
             inputs[name] = _wrap(value)
+    for name in slots[len(values):]:
+        default = _default(info, name) if name is not None else None
+        if default is not None:
+            inputs[name] = _wrap(default)
     return inputs
+
+
+def _default(info: dict[str, Any], name: str) -> Any:
+    """The value the frontend gives a new widget: the input's default, or a combo's first option."""
+    kind, options = next((k, o) for n, k, o in _input_specs(info) if n == name)
+    if "default" in options:
+        return options["default"]
+    choices = kind if isinstance(kind, list) else options.get("options") if _is_combo(kind) else None
+    return choices[0] if choices else None
 
 
 def widget_slots(info: dict[str, Any]) -> list[str | None]:

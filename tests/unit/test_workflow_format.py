@@ -139,6 +139,20 @@ def test_object_links_dict_widget_values_titles_and_list_values():
     assert api["3"]["inputs"]["text"] == ["2", 0]
 
 
+def test_a_widget_the_node_gained_after_the_save_gets_its_default_as_the_frontend_gives_it():
+    newer = {**OBJECT_INFO["ImageScaleToTotalPixels"]}
+    newer["input"] = {"required": {**newer["input"]["required"],
+                                   "resolution_steps": ["INT", {"default": 1, "min": 1, "max": 256}],
+                                   "crop": ["COMBO", {"options": ["disabled", "center"]}]}}
+    newer["input_order"] = {"required": [*OBJECT_INFO["ImageScaleToTotalPixels"]["input_order"]["required"],
+                                         "resolution_steps", "crop"]}
+    saved = workflow(node(18, "ImageScaleToTotalPixels", ["nearest-exact", 0.5]))
+
+    inputs = to_api_graph(saved, {**OBJECT_INFO, "ImageScaleToTotalPixels": newer})["18"]["inputs"]
+
+    assert inputs == {"upscale_method": "nearest-exact", "megapixels": 0.5, "resolution_steps": 1, "crop": "disabled"}
+
+
 def test_unknown_node_type_names_the_node():
     with pytest.raises(WorkflowError, match=r"node 9 is of type 'NoSuchNode'"):
         to_api_graph(workflow(node(9, "NoSuchNode", [])), OBJECT_INFO)
