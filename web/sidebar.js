@@ -82,7 +82,9 @@ class FinetunesPanel {
 
 export function registerFinetunesTab() {
   const panel = new FinetunesPanel();
-  app.extensionManager.registerSidebarTab({
+  // The sidebar-tab store (frontend 1.32 and later); extensionManager.registerSidebarTab is its deprecated alias.
+  const sidebarTabs = app.extensionManager.sidebarTab ?? app.extensionManager;
+  sidebarTabs.registerSidebarTab({
     id: TAB_ID,
     icon: "pi pi-chart-line",
     title: "Fine-tunes",

@@ -36,7 +36,7 @@ def test_train_lora_comes_from_the_node_search_with_its_progress_widget(comfy_pa
     page = comfy_page.page
     clear_graph(page)
 
-    add_node_from_search(page, "finetune train lora", first_match="comfyui-finetune")
+    add_node_from_search(page, "finetune train lora", first_match="Train LoRA")
 
     assert node_types(page) == ["FinetuneTrainLoRA"]
     widget = page.locator(".finetune-progress")

@@ -13,6 +13,10 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-b
 READY_TIMEOUT_MS = 60_000
 # The frontend sets window.app once the graph canvas exists and the node definitions are registered.
 APP_READY = "() => Boolean(window.app && window.app.graph && window.app.canvas && window.LiteGraph)"
+# Then, asynchronously, the frontend loads the startup workflow (the default graph on a fresh page, since the test
+# servers' settings mark the tutorial done): a test that clears or loads a graph before that would see it
+# replaced. Frontend 1.49 takes long enough for that to happen.
+STARTUP_GRAPH_LOADED = "() => window.app.graph.nodes.length > 0"
 
 
 def chromium_path() -> str | None:
@@ -75,4 +79,5 @@ def open_comfy(browser: Any, base_url: str, viewport: tuple[int, int] = (1400, 9
     page.on("pageerror", lambda error: comfy.page_errors.append(str(error)))
     page.goto(base_url, wait_until="domcontentloaded")
     page.wait_for_function(APP_READY, timeout=READY_TIMEOUT_MS)
+    page.wait_for_function(STARTUP_GRAPH_LOADED, timeout=READY_TIMEOUT_MS)
     return comfy
