@@ -36,6 +36,7 @@ if [[ ${1:-} == --newest ]]; then
   [[ $status -eq 0 ]] || exit $status
   VERSION=$(basename "$(dirname "$COMFY")"); VERSION=${VERSION#.host-}
   build_venv ".venv-comfyui-$VERSION" "$COMFY"
+  ".venv-comfyui-$VERSION/bin/python" scripts/tiny_models.py --comfy "$COMFY" >&2
   echo "$COMFY"
   echo "$PWD/.venv-comfyui-$VERSION/bin/python"
   exit 0
