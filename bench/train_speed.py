@@ -139,6 +139,9 @@ def run_interleaved(args: argparse.Namespace, setup: Setup, configs: dict[str, P
             if name == NATIVE:
                 run = run_native(comfy, checkpoint_name, setup, work / "native",
                                  gradient_checkpointing=args.native_gradient_checkpointing, extra_env=native_env)
+                if not variants[name].wall_s:
+                    print(f"    ComfyUI {run.comfyui_version}'s TrainLoraNode; inputs left at its defaults: "
+                          f"{run.defaulted or 'none'}", flush=True)
                 variants[name].add(run, args.warmup, run.floor_rss)
             else:
                 run = run_trainer(configs[name], work / f"{configs[name].stem}.log", env)

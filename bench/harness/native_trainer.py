@@ -4,6 +4,11 @@ and batch as our trainer.
 The graph is the native one: LoadImageTextDataSetFromFolder -> MakeTrainingDataset (VAE + CLIP encode once) ->
 TrainLoraNode -> SaveLoRA. Step times come from the node's progress messages on the websocket (one per optimizer
 step), the memory from the server process: its RSS just before the prompt and its peak while the prompt runs.
+
+The node is whichever ComfyUI's the host runs, so the comparison is always against that version's trainer: the
+graph is built from the server's `/object_info` for TrainLoraNode. Inputs this bench does not choose (0.33 added
+bucket_mode, offloading, bypass_mode, checkpoint_depth, quantized_backward) get the node's own defaults and are
+reported; outputs are found by name (0.33 dropped the MODEL output, which moved `lora` and `steps`).
 """
 
 from __future__ import annotations
@@ -31,22 +36,56 @@ DATASET_FOLDER = "bench_images"
 TRAIN_NODE = "4"
 
 
-def native_graph(checkpoint_name: str, setup: Setup, *, gradient_checkpointing: bool) -> dict[str, Any]:
-    """The API graph; fp32 training and fp32 LoRA weights, as our trainer runs on a CPU."""
+def native_graph(checkpoint_name: str, setup: Setup, train_node: dict[str, Any], *,
+                 gradient_checkpointing: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The API graph for this ComfyUI's TrainLoraNode (`train_node`: its /object_info entry), fp32 training and
+    fp32 LoRA weights as our trainer runs on a CPU; and the inputs left at the node's defaults."""
+    chosen = {"model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "batch_size": setup.batch_size,
+              "grad_accumulation_steps": 1, "steps": setup.steps, "learning_rate": setup.learning_rate,
+              "rank": setup.rank, "optimizer": "AdamW", "loss_function": "MSE", "seed": setup.seed,
+              "training_dtype": "fp32", "lora_dtype": "fp32", "algorithm": "LoRA",
+              "gradient_checkpointing": gradient_checkpointing, "existing_lora": "[None]"}
+    inputs, defaulted = train_inputs(train_node, chosen)
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
         "2": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": DATASET_FOLDER}},
         "3": {"class_type": "MakeTrainingDataset",
               "inputs": {"images": ["2", 0], "texts": ["2", 1], "vae": ["1", 2], "clip": ["1", 1]}},
-        TRAIN_NODE: {"class_type": "TrainLoraNode", "inputs": {
-            "model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "batch_size": setup.batch_size,
-            "grad_accumulation_steps": 1, "steps": setup.steps, "learning_rate": setup.learning_rate,
-            "rank": setup.rank, "optimizer": "AdamW", "loss_function": "MSE", "seed": setup.seed,
-            "training_dtype": "fp32", "lora_dtype": "fp32", "algorithm": "LoRA",
-            "gradient_checkpointing": gradient_checkpointing, "existing_lora": "[None]"}},
-        "5": {"class_type": "SaveLoRA", "inputs": {"lora": [TRAIN_NODE, 1], "prefix": "loras/bench_native",
-                                                    "steps": [TRAIN_NODE, 3]}},
-    }
+        TRAIN_NODE: {"class_type": "TrainLoraNode", "inputs": inputs},
+        "5": {"class_type": "SaveLoRA", "inputs": {"lora": [TRAIN_NODE, output_slot(train_node, "lora")],
+                                                    "prefix": "loras/bench_native",
+                                                    "steps": [TRAIN_NODE, output_slot(train_node, "steps")]}},
+    }, defaulted
+
+
+def train_inputs(train_node: dict[str, Any], chosen: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`chosen` for the node's required inputs, the node's default for the others (returned apart)."""
+    required = train_node["input"]["required"]
+    unknown = sorted(set(chosen) - set(required))
+    if unknown:
+        raise RuntimeError(f"this ComfyUI's TrainLoraNode has no input {', '.join(unknown)}: the bench's native "
+                           "graph (bench/harness/native_trainer.py) needs updating for it")
+    defaulted = {name: _default(spec) for name, spec in required.items() if name not in chosen}
+    missing = sorted(name for name, value in defaulted.items() if value is None)
+    if missing:
+        raise RuntimeError(f"TrainLoraNode input {', '.join(missing)} has no default: choose a value for it in "
+                           "bench/harness/native_trainer.py")
+    return {**chosen, **defaulted}, defaulted
+
+
+def output_slot(node: dict[str, Any], name: str) -> int:
+    names = node.get("output_name") or []
+    if name not in names:
+        raise RuntimeError(f"this ComfyUI's TrainLoraNode has no output {name!r} (it has {names})")
+    return names.index(name)
+
+
+def _default(spec: list[Any]) -> Any:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], list) else options.get("options")
+    return choices[0] if choices else None
 
 
 @dataclass
@@ -60,6 +99,9 @@ class NativeRun:
     watcher: RssWatcher | None = None
     wall_s: float = 0.0
     log: Path | None = None
+    comfyui_version: str = ""
+    defaulted: dict[str, Any] = field(default_factory=dict)
+    """TrainLoraNode inputs the bench does not choose, at the node's defaults."""
 
 
 class ProgressClock:
@@ -121,7 +163,9 @@ def run_native(comfy_dir: Path, checkpoint_name: str, setup: Setup, workdir: Pat
     run = NativeRun(log=server.log_path)
     try:
         client = ComfyClient(server.base_url, client_id=uuid.uuid4().hex)
-        graph = native_graph(checkpoint_name, setup, gradient_checkpointing=gradient_checkpointing)
+        run.comfyui_version = client.get("/system_stats").json()["system"].get("comfyui_version", "unknown")
+        graph, run.defaulted = native_graph(checkpoint_name, setup, client.get("/object_info/TrainLoraNode").json()
+                                            ["TrainLoraNode"], gradient_checkpointing=gradient_checkpointing)
         watcher = RssWatcher(server.process.pid, reset_peak=True)
         with ProgressClock(server.base_url, client.client_id, TRAIN_NODE, watcher.process) as clock:
             watcher.start()
