@@ -131,9 +131,9 @@ def tiny_checkpoint_name(comfy_dir: Path, family: str = "sd1") -> str:
 
 def start_server(comfy_dir: Path, workdir: Path, *, output_dir: Path | None = None,
                  extra_env: dict[str, str] | None = None, pythonpath_first: Iterable[Path] = (),
-                 timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
-    """Start `python main.py --cpu` on a free port with its input/output/temp/user folders under `workdir`
-    (output in `output_dir` when given) and wait until it serves /object_info."""
+                 extra_args: Iterable[str] = (), timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
+    """Start `python main.py --cpu [extra_args]` on a free port with its input/output/temp/user folders under
+    `workdir` (output in `output_dir` when given) and wait until it serves /object_info."""
     workdir.mkdir(parents=True, exist_ok=True)
     folders = {name: workdir / name for name in ("input", "output", "temp", "user")}
     if output_dir is not None:
@@ -149,7 +149,8 @@ def start_server(comfy_dir: Path, workdir: Path, *, output_dir: Path | None = No
                "--input-directory", str(folders["input"]), "--output-directory", str(folders["output"]),
                "--temp-directory", str(folders["temp"]), "--user-directory", str(folders["user"]),
                "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes"]  # they only call a remote service, which is out of reach offline
+               "--disable-api-nodes",  # they only call a remote service, which is out of reach offline
+               *extra_args]
     log_path = workdir / "comfyui.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=comfy_dir, env=server_env(workdir, extra_env, pythonpath_first),
