@@ -50,7 +50,7 @@ build_venv .venv "$COMFY"
 # for tests/unit/test_python_versions.py. Taken from pyenv or PATH; that test says loudly when one is missing.
 PYENV_VERSIONS=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")/versions
 for version in 3.10 3.13; do
-  python=$(ls -d "$PYENV_VERSIONS"/$version.*/bin/python$version 2>/dev/null | sort -V | tail -n 1)
+  python=$(ls -d "$PYENV_VERSIONS"/$version.*/bin/python$version 2>/dev/null | sort -V | tail -n 1 || true)
   python=${python:-$(command -v python$version || true)}
   light=.venv-python$version
   if [[ -n $python && ! -f $light/.installed ]]; then
