@@ -84,9 +84,9 @@ def newest_archive(folder: Path = SOURCE_ARCHIVES) -> tuple[str, Path] | None:
     return max(found, key=lambda item: tuple(int(part) for part in item[0].split(".")), default=None)
 
 
-def unpack_archive(version: str, archive: Path) -> Path:
-    """`.host-<version>/ComfyUI` from the source archive (which unpacks to `ComfyUI/`), unpacked once."""
-    target = REPO / f".host-{version}" / "ComfyUI"
+def unpack_archive(version: str, archive: Path, root: Path = REPO) -> Path:
+    """`<root>/.host-<version>/ComfyUI` from the source archive (which unpacks to `ComfyUI/`), unpacked once."""
+    target = root / f".host-{version}" / "ComfyUI"
     if (target / "main.py").is_file():
         return target
     print(f"host: unpacking ComfyUI v{version} from {archive.name}", flush=True)
