@@ -19,4 +19,7 @@ COMFY=$(tail -n 2 <<<"$built" | head -n 1)
 PYTHON=$(tail -n 1 <<<"$built")
 echo "test_newest: $(sed -n 's/.*"\(.*\)".*/ComfyUI \1/p' "$COMFY/comfyui_version.py") at $COMFY"
 (($#)) || set -- tests/integration tests/browser
-COMFYUI_PATH=$COMFY exec "$PYTHON" -m pytest --confcutdir=tests "$@"
+status=0
+COMFYUI_PATH=$COMFY "$PYTHON" -m pytest --confcutdir=tests "$@" || status=$?
+echo "test_newest: pytest exited with $status after ${SECONDS} s (setup included)"
+exit $status
