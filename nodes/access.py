@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from pathlib import Path
 
 import folder_paths
 
+from ..trainers import toml_reader
 from .types import NodeError
 
 ALLOW_FOLDERS_ENV = "COMFYUI_FINETUNE_ALLOW_FOLDERS"
@@ -35,10 +35,10 @@ def read_settings() -> dict:
     """access.toml's contents ({} when there is none); read at every use, so an edit needs no restart."""
     path = settings_file()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = toml_reader.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, toml_reader.TOMLDecodeError) as exc:
         raise NodeError(f"{path} cannot be read ({exc}) — fix it, e.g. folders = [\"/photos\"] and "
                           "hosts = [\"mybox.lan\"], or delete it") from None
     for key in ("folders", "hosts"):
