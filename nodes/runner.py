@@ -24,18 +24,19 @@ from typing import Any, NoReturn
 from ..trainers.config import Config
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path, atomic_write_text, unique_path
-from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done)
+from ..trainers.runfolder import (MODEL_FOLDERS, CheckpointEvent, DoneEvent, ErrorEvent, PlanEvent, ProgressEvent, RunFolder,
+                                  SampleEvent, StatusEvent, succeeded)
+from .runs import ACTIVE_STATUSES, REQUEST_FILE, RunRecord, RunStore, live, outputs_from_done
 from .types import NodeError, TrainingImages, node_error, pixels_to_pil
 
 PACK_DIR = Path(__file__).resolve().parents[1]
-REQUEST_FILE, MANIFEST_FILE, LOG_FILE = "request.json", "manifest.jsonl", "train.log"
+MANIFEST_FILE, LOG_FILE = "manifest.jsonl", "train.log"
 POLL_S = 0.2
 RECORD_SAVE_EVERY_S = 1.0
 STOP_WAIT_S = float(os.environ.get("COMFYUI_FINETUNE_STOP_WAIT_S", "30"))
 """How long a cancelled run may take to save its checkpoint before its process is killed."""
 IDLE_TIMEOUT_S = float(os.environ.get("COMFYUI_FINETUNE_IDLE_TIMEOUT_S", "1800"))
 """A trainer that prints nothing for this long is taken for hung and stopped."""
-MODEL_FOLDERS = {"lora": "loras", "checkpoint": "checkpoints"}
 
 
 @dataclass
@@ -44,7 +45,7 @@ class TrainingJob:
 
     name: str
     kind: str
-    """"lora" or "checkpoint": what is written, and into which models folder."""
+    """What is written, and so into which models folder (`runfolder.MODEL_FOLDERS`)."""
     base_name: str
     base_path: Path
     dataset: TrainingImages
@@ -91,10 +92,10 @@ def run_training(job: TrainingJob, store: RunStore | None = None) -> RunRecord:
         raise NodeError(f"this exact training is already running (run {run_id}) — wait for it to finish, or stop "
                         "it in the Fine-tunes panel")
     run_dir = store.run_dir(run_id)
-    resume = found is not None and has_checkpoint(run_dir)
+    resume = found is not None and RunFolder(run_dir).has_checkpoint()
     cfg = job.config(manifest=str(run_dir / MANIFEST_FILE), dir=str(store.root), name=run_id,
                      export_path=str(_export_path(job, run_dir)))
-    if not resume and (run_dir / "config.json").exists():
+    if not resume and RunFolder(run_dir).config.exists():
         cfg.output.overwrite = True  # an earlier attempt failed before its first checkpoint: start it over
     write_manifest(job.dataset, run_dir)
     cfg.save(run_dir / REQUEST_FILE)
@@ -165,7 +166,7 @@ class TrainerProcess:
             command.append("--resume")
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         env["PYTHONPATH"] = os.pathsep.join([str(PACK_DIR)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        RunFolder(self.run_dir).stop.unlink(missing_ok=True)
         with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
             log.flush()
@@ -217,7 +218,7 @@ class TrainerProcess:
         if process is None or process.poll() is not None:
             return
         if graceful:
-            atomic_write_text(self.run_dir / STOP_FILE, "stop requested from ComfyUI\n")
+            atomic_write_text(RunFolder(self.run_dir).stop, "stop requested from ComfyUI\n")
             deadline = time.monotonic() + STOP_WAIT_S + 2 * self.seconds_per_step
             while process.poll() is None and time.monotonic() < deadline:
                 self._drain(timeout=POLL_S)
@@ -241,7 +242,7 @@ class TrainerProcess:
     # ---- events ---------------------------------------------------------------------------------------------
     def _on_event(self, event: dict[str, Any], *, show_progress: bool) -> None:
         kind = event.get("event")
-        if kind == "progress":
+        if kind == ProgressEvent.EVENT:
             self.record.step, self.record.loss = int(event["step"]), event.get("loss")
             if event.get("it_s"):
                 self.seconds_per_step = 1.0 / float(event["it_s"])
@@ -251,16 +252,16 @@ class TrainerProcess:
                 self._show_progress(event)
             self._send("finetune.progress", event)
             return
-        if kind == "plan":
+        if kind == PlanEvent.EVENT:
             self.record.steps, self.record.dataset_size = int(event.get("steps", 0)), int(event.get("images", 0))
-        elif kind == "sample":
+        elif kind == SampleEvent.EVENT:
             self._on_sample(event, show_progress)
             return
-        elif kind in ("done", "error"):
+        elif kind in (DoneEvent.EVENT, ErrorEvent.EVENT):
             self.outcome = event
-        elif kind == "status" and show_progress:
+        elif kind == StatusEvent.EVENT and show_progress:
             self._progress_text(str(event.get("message", "")))
-        self._save_record(force=kind in ("plan", "checkpoint", "done", "error"))
+        self._save_record(force=kind in (PlanEvent.EVENT, CheckpointEvent.EVENT, DoneEvent.EVENT, ErrorEvent.EVENT))
         self._send("finetune.status", event)
 
     def _on_sample(self, event: dict[str, Any], show_progress: bool) -> None:
@@ -313,7 +314,7 @@ class TrainerProcess:
 
         self._stop_process(graceful=True)
         self._end("cancelled", f"cancelled at step {self.record.step}" + (
-            "; queue the workflow again to resume" if has_checkpoint(self.run_dir) else ""))
+            "; queue the workflow again to resume" if RunFolder(self.run_dir).has_checkpoint() else ""))
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
 
@@ -323,14 +324,14 @@ class TrainerProcess:
         assert self.process is not None
         code = self.process.wait()
         outcome = self.outcome or {}
-        if outcome.get("event") == "done" and outcome.get("status") == "succeeded":
+        if succeeded(outcome):
             self.record.outputs = outputs_from_done(outcome, self.run_dir, self.kind)
             self._end("succeeded", "")
             return self.record
-        if outcome.get("event") == "done":  # stopped from the Fine-tunes panel (its STOP file)
+        if outcome.get("event") == DoneEvent.EVENT:  # stopped from the Fine-tunes panel (its STOP file)
             self._end("cancelled", f"stopped at step {self.record.step}; queue the workflow again to resume")
             raise mm.InterruptProcessingException()
-        if outcome.get("event") == "error":
+        if outcome.get("event") == ErrorEvent.EVENT:
             self._fail(in_node_terms(outcome, self.input_names), crashed=code == 1)
         self._fail(_exit_reason(code, self.run_dir / LOG_FILE))
 

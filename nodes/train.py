@@ -17,7 +17,7 @@ from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path
 from .charts import LossHistory, loss_chart
 from .runner import TrainingJob, run_training
-from .runs import RunRecord, RunStore, lora_family, read_safetensors_metadata
+from .runs import RunRecord, RunStore, lora_family
 from .types import DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, image_batch, node_error
 
 TRAINER_NEEDS = ("diffusers", "peft", "transformers", "accelerate", "safetensors")
@@ -144,7 +144,7 @@ class TrainLoRA(TrainingNode):
         record = run_training(job)
         path = Path(record.outputs["path"])
         lora = TrainedLora(name=record.outputs["lora"], path=str(path), trigger_word=record.trigger_word,
-                           family=lora_family(read_safetensors_metadata(path)))
+                           family=lora_family(path))
         chart, samples, shown = result_images(record)
         return io.NodeOutput(lora, lora.name, chart, samples, ui=shown)
 

@@ -19,13 +19,12 @@ from ..trainers.io import atomic_path
 from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS
 from .caption import model_folder_path, model_folders
 from .charts import LossHistory, loss_chart
-from .runner import MODEL_FOLDERS, TrainingJob, run_training
-from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family, read_safetensors_metadata
+from .runner import TrainingJob, run_training
+from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family
 from .train import TrainingNode, chart_and_sample_outputs, merge, parse_advanced, result_images
 from .types import (DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error,
                     pixels_to_pil)
 
-MODEL_FOLDERS.update(embedding="embeddings", controlnet="controlnet")
 REWARD_FOLDER = "reward_models"
 folder_paths.add_model_folder_path(REWARD_FOLDER, os.path.join(folder_paths.models_dir, REWARD_FOLDER))
 
@@ -413,7 +412,7 @@ class TrainDDPO(TrainingNode):
         record = run_training(job)
         path = Path(record.outputs["path"])
         lora = TrainedLora(name=record.outputs["lora"], path=str(path),
-                           family=lora_family(read_safetensors_metadata(path)))
+                           family=lora_family(path))
         _, samples, shown = result_images(record)
         chart, chart_shown = reward_chart(record)
         rest = [result for result in shown.results if result.filename != "loss.png"]

@@ -26,10 +26,12 @@ from .data.captions import tag_frequency
 from .data.dataset import BucketBatchSampler, TrainingDataset, collate
 from .errors import ConfigError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
-from .events import STOP_FILE_NAME, EventLog, StopSignal, Throughput, tensorboard_listeners
+from .events import EventLog, StopSignal, Throughput, tensorboard_listeners
 from .methods import Method, RunSummary, method_class
 from .models.loading import load_base_model
 from .plan import Plan, make_plan
+from .runfolder import (STOPPED, SUCCEEDED, CheckpointEvent, DoneEvent, ErrorEvent, PlanEvent, ProgressEvent,
+                        RunFolder, SampleEvent, SavedEvent, StatusEvent, ValidationEvent)
 from .sampling import SamplingInterrupted, generate_images, save_samples
 
 
@@ -123,7 +125,7 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
     accelerator = accelerator or _make_accelerator(choose_mixed_precision(plan.cfg.train.mixed_precision))
     if accelerator.is_main_process:
         _claim_run_dir(plan.run_dir, plan.cfg, resume)
-        plan.cfg.save(plan.run_dir / "config.json")
+        plan.cfg.save(RunFolder(plan.run_dir).config)
     accelerator.wait_for_everyone()
     listeners = [*(callbacks or []), *tensorboard_listeners(
         plan.run_dir, plan.cfg.output.tensorboard and accelerator.is_main_process)]
@@ -131,11 +133,11 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
     try:
         return _train(plan, resume, events, stop or StopSignal(plan.run_dir), accelerator)
     except FinetuneError as exc:
-        events.emit("error", message=str(exc), where=exc.where)
+        events.emit(ErrorEvent(str(exc), exc.where))
         exc.reported = True
         raise
     except Exception as exc:
-        events.emit("error", message=f"{type(exc).__name__}: {exc}")
+        events.emit(ErrorEvent(f"{type(exc).__name__}: {exc}"))
         raise
     finally:
         events.close()
@@ -144,7 +146,7 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
 def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, accelerator: Accelerator) -> TrainResult:
     cfg, run_dir = plan.cfg, plan.run_dir
     is_main = accelerator.is_main_process
-    events.emit("plan", **plan.summary())
+    events.emit(PlanEvent(plan.summary()))
 
     # ---- model and method ------------------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
@@ -194,7 +196,7 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         state, trainable_state, extra = load_checkpoint(checkpoint, resumables, rank=accelerator.process_index)
         method.load_trainable_state(trainable_state)
         method.load_extra_state(extra)
-        events.emit("status", message=f"resumed from {checkpoint.name}", step=state.step)
+        events.emit(StatusEvent(f"resumed from {checkpoint.name}", state.step))
     stream = method.data_stream(state.micro_step, generator)
     if stream is None:
         sampler = BucketBatchSampler(plan.dataset, cfg.train.batch_size, seed=cfg.train.seed,
@@ -219,14 +221,14 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         state.micro_step, state.loss_avg = stream.micro_step, loss_avg
         last_checkpoint = save_checkpoint(run_dir, state, method, resumables, accelerator,
                                           keep=cfg.output.keep_checkpoints)
-        events.emit("checkpoint", step=state.step, path=str(last_checkpoint))
+        events.emit(CheckpointEvent(state.step, str(last_checkpoint)))
         return last_checkpoint
 
     throughput.tick()
     while state.step < total:
         if _stop_requested(stop, accelerator):
             checkpoint_now()
-            events.emit("done", status="stopped", step=state.step, checkpoint=str(last_checkpoint))
+            events.emit(DoneEvent(STOPPED, state.step, checkpoint=str(last_checkpoint)))
             return TrainResult("stopped", run_dir, state.step, final_loss=loss_avg)
         method.train_mode(True)
         step_start = (stream.micro_step, prior_stream.micro_step if prior_stream is not None else 0)
@@ -261,9 +263,9 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         state.step += 1
         throughput.tick()
         loss_avg = step_loss if state.step == 1 else 0.95 * loss_avg + 0.05 * step_loss
-        events.emit("progress", step=state.step, total=total, loss=step_loss, loss_avg=loss_avg,
-                    lr=lr_scheduler.get_last_lr()[0], lrs=lr_scheduler.get_last_lr(), it_s=throughput.rate(),
-                    eta_s=throughput.eta(total - state.step), **logs)
+        events.emit(ProgressEvent(state.step, total, step_loss, loss_avg, lr_scheduler.get_last_lr()[0],
+                                  lr_scheduler.get_last_lr(), throughput.rate(), throughput.eta(total - state.step),
+                                  logs))
         with _eager(cfg):
             _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main)
 
@@ -276,12 +278,12 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         summary.steps_done, summary.finished_at = state.step, time.time()
         path = method.export(export_path(cfg, run_dir, method), summary, overwrite=cfg.output.overwrite)
         outputs["model"] = str(path)
-        outputs["config"] = str(run_dir / "config.json")
-        events.emit("saved", step=state.step, path=str(path), kind=method.name)
-        samples = sorted((run_dir / "samples").glob(f"step_{state.step:06d}_*.png"))
+        outputs["config"] = str(RunFolder(run_dir).config)
+        events.emit(SavedEvent(state.step, str(path), method.name))
+        samples = RunFolder(run_dir).samples_at(state.step)
         outputs.update({f"sample_{n}": str(p) for n, p in enumerate(samples)})
-        events.emit("done", status="succeeded", step=state.step, outputs=outputs,
-                    processes=accelerator.num_processes, replicas_in_sync=in_sync)
+        events.emit(DoneEvent(SUCCEEDED, state.step, outputs=outputs, processes=accelerator.num_processes,
+                              replicas_in_sync=in_sync))
     return TrainResult("succeeded", run_dir, state.step, outputs, final_loss=loss_avg)
 
 
@@ -339,9 +341,9 @@ def _periodic(cfg, step, total, method, base, plan: Plan, run_dir, events, check
         return
     if out.save_every and step % out.save_every == 0 and not last:
         summary.steps_done, summary.finished_at = step, time.time()
-        path = method.export(run_dir / "intermediate" / f"{out.name}_step{step:06d}{method.export_suffix}",
+        path = method.export(RunFolder(run_dir).intermediate / f"{out.name}_step{step:06d}{method.export_suffix}",
                              summary, overwrite=True)
-        events.emit("saved", step=step, path=str(path), kind=f"{method.name}-intermediate")
+        events.emit(SavedEvent(step, str(path), f"{method.name}-intermediate"))
     if out.sample_prompts and ((out.sample_every and step % out.sample_every == 0) or last):
         method.train_mode(False)
         try:
@@ -352,10 +354,10 @@ def _periodic(cfg, step, total, method, base, plan: Plan, run_dir, events, check
         except SamplingInterrupted:
             images = []  # a stop is waiting: the samples are skipped, the loop checkpoints next
         if images:
-            events.emit("sample", step=step, paths=[str(p) for p in save_samples(images, run_dir / "samples", step)])
+            events.emit(SampleEvent(step, [str(p) for p in save_samples(images, RunFolder(run_dir), step)]))
     if plan.validation is not None and ((out.validation_every and step % out.validation_every == 0) or last):
         method.train_mode(False)
-        events.emit("validation", step=step, loss=heldout_loss(method, plan.validation))
+        events.emit(ValidationEvent(step, heldout_loss(method, plan.validation)))
 
 
 def _prior_stream(cfg, base, accelerator, events, micro_step: int, stop: StopSignal) -> DataStream | None:
@@ -370,7 +372,7 @@ def _prior_stream(cfg, base, accelerator, events, micro_step: int, stop: StopSig
     if accelerator.is_main_process:
         try:
             ensure_class_images(cfg, base, cache_root, should_stop=stop.requested, on_progress=lambda done, total:
-                                events.emit("status", message=f"generating class images {done}/{total}", step=0))
+                                events.emit(StatusEvent(f"generating class images {done}/{total}", 0)))
         except SamplingInterrupted:
             interrupted = True
     accelerator.wait_for_everyone()
@@ -406,12 +408,13 @@ def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
 
 
 def _claim_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
-    exists = (run_dir / "config.json").exists()
+    run = RunFolder(run_dir)
+    exists = run.config.exists()
     if exists and not resume and not cfg.output.overwrite:
         raise FinetuneError("a run with this name already exists",
                             "pass --resume to continue it, choose another output.name, or set output.overwrite",
                             where=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE_NAME).unlink(missing_ok=True)
+    run.stop.unlink(missing_ok=True)
     if not resume:
-        (run_dir / "events.jsonl").unlink(missing_ok=True)
+        run.events.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from trainers.runfolder import CHECKPOINT_STATE_FILE, RunFolder
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -120,7 +122,9 @@ def test_a_run_left_running_by_a_restart_is_settled_from_its_events(runs, tmp_pa
     store.save(make_record(runs, "stale_1", status="running", started=10.0, pid=_dead_pid()))
     write_events(tmp_path / "stale_1", events)
     if checkpoint:
-        (tmp_path / "stale_1" / "checkpoints" / "step_000003").mkdir(parents=True)
+        complete = RunFolder(tmp_path / "stale_1").checkpoint(3)
+        complete.mkdir(parents=True)
+        (complete / CHECKPOINT_STATE_FILE).write_text("{}")
     record = store.get("stale_1")
     assert record.status == status and error in record.error
     assert record.finished is not None and record.pid == 0

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..io import atomic_path, refuse_existing
 from ..models.families import FAMILIES
+from ..runfolder import family_from_metadata
 
 UNET_PREFIX = "lora_unet"
 
@@ -89,7 +90,7 @@ def save_peft_lora(folder: Path, unet: torch.nn.Module | None, text_encoders: li
 
 def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """"sd1", "sd2" or "sdxl": what the metadata says, else what the keys and shapes show; None if neither tells."""
-    return _family_from_metadata(metadata) or _family_from_keys(state)
+    return family_from_metadata(metadata) or _family_from_keys(state)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -103,23 +104,9 @@ def _put_layer(state: dict[str, torch.Tensor], key: str, layer, adapter_name: st
     state[f"{key}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter_name]), dtype=torch.float32)
 
 
-_ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
-_BASE_VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
 # A text encoder's hidden width (SDXL's first encoder is SD1's CLIP-L, so only its second one tells).
 _TEXT_WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 _DOWN = r"\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$"
-
-
-def _family_from_metadata(metadata: dict[str, str]) -> str | None:
-    architecture = metadata.get("modelspec.architecture", "")
-    for start, family in _ARCHITECTURE_FAMILIES:
-        if architecture.startswith(start):
-            return family
-    version = metadata.get("ss_base_model_version", "")
-    for start, family in _BASE_VERSION_FAMILIES:
-        if version.startswith(start):
-            return family
-    return None
 
 
 def _family_from_keys(state: dict[str, torch.Tensor]) -> str | None:
