@@ -21,7 +21,8 @@ EVENTS_FILE = "events.jsonl"
 """Every event, one JSON object per line."""
 STOP_FILE = "STOP"
 """Its presence asks the running trainer to save a checkpoint and stop."""
-CHECKPOINTS_DIR, SAMPLES_DIR, TENSORBOARD_DIR, INTERMEDIATE_DIR = "checkpoints", "samples", "tensorboard", "intermediate"
+CHECKPOINTS_DIR, SAMPLES_DIR = "checkpoints", "samples"
+TENSORBOARD_DIR, INTERMEDIATE_DIR = "tensorboard", "intermediate"
 STEP_PREFIX = "step_"
 CHECKPOINT_STATE_FILE = "state.json"
 """Written last into a checkpoint folder: a folder with it is complete and can be resumed from."""
@@ -127,7 +128,8 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
-_ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
+_ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                          ("stable-diffusion-v1", "sd1"))
 _BASE_VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
 
 
