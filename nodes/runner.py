@@ -8,6 +8,7 @@ same hash is returned without training, a cancelled or failed one with a checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,8 +25,8 @@ from typing import Any, NoReturn
 from ..trainers.config import Config
 from ..trainers.errors import FinetuneError
 from ..trainers.io import atomic_path, atomic_write_text, unique_path
-from ..trainers.runfolder import (MODEL_FOLDERS, CheckpointEvent, DoneEvent, ErrorEvent, PlanEvent, ProgressEvent, RunFolder,
-                                  SampleEvent, StatusEvent, succeeded)
+from ..trainers.runfolder import (MODEL_FOLDERS, CheckpointEvent, DoneEvent, ErrorEvent, PlanEvent, ProgressEvent,
+                                  RunFolder, SampleEvent, StatusEvent, succeeded)
 from .runs import ACTIVE_STATUSES, REQUEST_FILE, RunRecord, RunStore, live, outputs_from_done
 from .types import NodeError, TrainingImages, node_error, pixels_to_pil
 
@@ -39,6 +40,18 @@ IDLE_TIMEOUT_S = float(os.environ.get("COMFYUI_FINETUNE_IDLE_TIMEOUT_S", "1800")
 """A trainer that prints nothing for this long is taken for hung and stopped."""
 
 
+def checked_config(settings: dict[str, Any], base_path: Path, name: str) -> Config:
+    """A node's settings as the validated trainer config, with placeholders where the runner puts the run's paths;
+    raises the trainer's FinetuneError naming the field."""
+    data = json.loads(json.dumps(settings))
+    data.setdefault("model", {})["base"] = str(base_path)
+    data.setdefault("data", {})["manifest"] = "-"
+    data.setdefault("output", {}).update(dir="-", name=name, export_path="")
+    cfg = Config.from_dict(data)
+    cfg.validate()
+    return cfg
+
+
 @dataclass
 class TrainingJob:
     """What a Train node asks for: everything the result depends on, and nothing about where files go."""
@@ -50,7 +63,9 @@ class TrainingJob:
     base_path: Path
     dataset: TrainingImages
     settings: dict[str, Any]
-    """Config sections as set on the node; the runner adds the paths (model.base, data.manifest, output.*)."""
+    """Config sections as set on the node (what the run's content hash covers)."""
+    cfg: Config
+    """`settings` as the checked config (`checked_config`); the runner only adds the run's paths to it."""
     node_id: str = ""
     prompt_id: str = ""
     input_names: dict[str, str] = field(default_factory=dict)
@@ -61,16 +76,12 @@ class TrainingJob:
         method = self.settings["train"]["method"]
         return f"{method} + DreamBooth" if self.settings.get("dreambooth", {}).get("enabled") else method
 
-    def config(self, **paths: str) -> Config:
-        """The validated trainer config; raises the trainer's FinetuneError naming the field."""
-        data = json.loads(json.dumps(self.settings))
-        data.setdefault("model", {})["base"] = str(self.base_path)
-        data.setdefault("data", {})["manifest"] = paths.get("manifest", "-")
-        data.setdefault("output", {}).update(dir=paths.get("dir", "-"), name=paths.get("name", self.name),
-                                             export_path=paths.get("export_path", ""))
-        cfg = Config.from_dict(data)
-        cfg.validate()
-        return cfg
+    def placed(self, *, manifest: Path, run_dir: Path, export_path: Path) -> Config:
+        """The checked config with the run's paths: the images' manifest, the run folder, the result's file."""
+        cfg = self.cfg
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=str(manifest)),
+                                   output=dataclasses.replace(cfg.output, dir=str(run_dir.parent), name=run_dir.name,
+                                                              export_path=str(export_path)))
 
     def content_hash(self) -> str:
         stat = self.base_path.stat()
@@ -93,8 +104,7 @@ def run_training(job: TrainingJob, store: RunStore | None = None) -> RunRecord:
                         "it in the Fine-tunes panel")
     run_dir = store.run_dir(run_id)
     resume = found is not None and RunFolder(run_dir).has_checkpoint()
-    cfg = job.config(manifest=str(run_dir / MANIFEST_FILE), dir=str(store.root), name=run_id,
-                     export_path=str(_export_path(job, run_dir)))
+    cfg = job.placed(manifest=run_dir / MANIFEST_FILE, run_dir=run_dir, export_path=_export_path(job, run_dir))
     if not resume and RunFolder(run_dir).config.exists():
         cfg.output.overwrite = True  # an earlier attempt failed before its first checkpoint: start it over
     write_manifest(job.dataset, run_dir)
