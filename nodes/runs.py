@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..trainers.io import atomic_write_text
-from ..trainers.runfolder import (OUTCOME_EVENTS, DoneEvent, ProgressEvent, RunFolder, family_from_metadata,
-                                  output_kind, safetensors_metadata, succeeded)
+from ..trainers.runfolder import (DONE_MODEL, DONE_SAMPLE_PREFIX, OUTCOME_EVENTS, DoneEvent, ProgressEvent, RunFolder,
+                                  family_from_metadata, output_kind, safetensors_metadata, succeeded)
 
 log = logging.getLogger("comfyui-finetune")
 
@@ -210,8 +210,8 @@ def settle_from_events(record: RunRecord, events: list[dict[str, Any]], run_dir:
 def outputs_from_done(done: dict[str, Any], run_dir: Path, kind: str) -> dict[str, Any]:
     """A record's `outputs` from the trainer's `done` event; the result lies directly in its models folder."""
     produced = done.get("outputs", {})
-    model = Path(produced["model"])
-    samples = [Path(p) for key, p in sorted(produced.items()) if key.startswith("sample_")]
+    model = Path(produced[DONE_MODEL])
+    samples = [Path(p) for key, p in sorted(produced.items()) if key.startswith(DONE_SAMPLE_PREFIX)]
     return {kind: model.name, "path": str(model),
             "samples": [p.relative_to(run_dir).as_posix() if p.is_relative_to(run_dir) else str(p) for p in samples]}
 

@@ -1,12 +1,13 @@
 """The progress/sample/stop protocol that the CLI, the ComfyUI runner and TensorBoard all listen to.
 
 The loop calls `EventLog.emit(event)` with one of the typed events of `runfolder`; every callback receives the same
-dict. `StopSignal` is how a parent
-(a ComfyUI Cancel, Ctrl-C, a `STOP` file) asks the loop to stop at the next step boundary.
+dict. `StopSignal` is how a parent (a ComfyUI Cancel, Ctrl-C, a `STOP` file) asks the loop to stop at the next step
+boundary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -87,7 +88,7 @@ _PRINTED = tuple(e.EVENT for e in (SavedEvent, CheckpointEvent, SampleEvent, Val
 
 # Progress fields that are not training values; every other number in a progress event (a method's own values,
 # e.g. DDPO's reward_mean or DreamBooth's loss_prior) is logged as `train/<name>`.
-_PROGRESS_BOOKKEEPING = {"event", "time", "step", "total", "loss", "loss_avg", "lr", "lrs", "it_s", "eta_s"}
+_PROGRESS_BOOKKEEPING = {"event", "time", *(f.name for f in dataclasses.fields(ProgressEvent) if f.name != "values")}
 
 
 class TensorBoardWriter:

@@ -30,8 +30,9 @@ from .events import EventLog, StopSignal, Throughput, tensorboard_listeners
 from .methods import Method, RunSummary, method_class
 from .models.loading import load_base_model
 from .plan import Plan, make_plan
-from .runfolder import (STOPPED, SUCCEEDED, CheckpointEvent, DoneEvent, ErrorEvent, PlanEvent, ProgressEvent,
-                        RunFolder, SampleEvent, SavedEvent, StatusEvent, ValidationEvent)
+from .runfolder import (DONE_CONFIG, DONE_MODEL, DONE_SAMPLE_PREFIX, STOPPED, SUCCEEDED, CheckpointEvent, DoneEvent,
+                        ErrorEvent, PlanEvent, ProgressEvent, RunFolder, SampleEvent, SavedEvent, StatusEvent,
+                        ValidationEvent)
 from .sampling import SamplingInterrupted, generate_images, save_samples
 
 
@@ -426,8 +427,8 @@ def _export(t: Training) -> dict[str, str]:
     t.summary.steps_done, t.summary.finished_at = step, time.time()
     path = t.method.export(export_path(t.cfg, t.plan.run_dir, t.method), t.summary, overwrite=t.cfg.output.overwrite)
     t.events.emit(SavedEvent(step, str(path), t.method.name))
-    outputs = {"model": str(path), "config": str(run.config)}
-    outputs.update({f"sample_{n}": str(p) for n, p in enumerate(run.samples_at(step))})
+    outputs = {DONE_MODEL: str(path), DONE_CONFIG: str(run.config)}
+    outputs.update({f"{DONE_SAMPLE_PREFIX}{n}": str(p) for n, p in enumerate(run.samples_at(step))})
     return outputs
 
 

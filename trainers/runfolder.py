@@ -230,12 +230,14 @@ class SavedEvent(Event):
 
 
 SUCCEEDED, STOPPED = "succeeded", "stopped"
+DONE_MODEL, DONE_CONFIG, DONE_SAMPLE_PREFIX = "model", "config", "sample_"
+"""The keys of a `done` event's outputs: the result file, the resolved config, each last sample image (sample_0...)."""
 
 
 @dataclass(frozen=True)
 class DoneEvent(Event):
-    """The end of a run: `status` SUCCEEDED with its `outputs` ("model", "config", "sample_<n>": paths), or STOPPED
-    with the `checkpoint` to resume from."""
+    """The end of a run: `status` SUCCEEDED with its `outputs` (DONE_MODEL, DONE_CONFIG, DONE_SAMPLE_PREFIX<n>:
+    paths), or STOPPED with the `checkpoint` to resume from."""
 
     EVENT = "done"
     status: str
