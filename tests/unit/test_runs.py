@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from trainers.runfolder import CHECKPOINT_STATE_FILE, RunFolder
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def runs():
-    """`nodes/runs.py` imported as ComfyUI imports it, inside the pack (it imports the trainer relatively), without
-    running `nodes/__init__.py`, which needs ComfyUI: the record store itself does not."""
-    for name, folder in (("finetune_pack", REPO), ("finetune_pack.nodes", REPO / "nodes")):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [str(folder)]
-            sys.modules[name] = package
-    return importlib.import_module("finetune_pack.nodes.runs")
 
 
 def make_record(runs, run_id="portrait_0a1b2c3d", **fields):
