@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..trainers.runfolder import ProgressEvent, ValidationEvent
+
 BACKGROUND = (24, 26, 31)
 GRID = (58, 62, 72)
 TEXT = (200, 204, 212)
@@ -28,7 +30,7 @@ class LossHistory:
         """From the trainer's events; a resumed run repeats no step, a restarted one keeps only its last attempt."""
         history = cls()
         for event in events:
-            if event.get("event") == "progress" and _finite(event.get("loss")):
+            if event.get("event") == ProgressEvent.EVENT and _finite(event.get("loss")):
                 step = int(event["step"])
                 while history.steps and history.steps[-1] >= step:  # a resume from an earlier checkpoint
                     for series in (history.steps, history.loss, history.smoothed):
@@ -37,7 +39,7 @@ class LossHistory:
                 history.loss.append(float(event["loss"]))
                 avg = event.get("loss_avg")
                 history.smoothed.append(float(avg) if _finite(avg) else float(event["loss"]))
-            elif event.get("event") == "validation" and _finite(event.get("loss")):
+            elif event.get("event") == ValidationEvent.EVENT and _finite(event.get("loss")):
                 history.validation.append((int(event["step"]), float(event["loss"])))
         return history
 

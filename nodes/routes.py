@@ -25,8 +25,9 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from ..trainers.runfolder import CONFIG_FILE, RunFolder
 from .access import ALLOW_HOSTS_ENV, comfyui_listen_address, host_allowed, origin_allowed, settings_file
-from .runs import ACTIVE_STATUSES, RunRecord, RunStore, has_checkpoint, still_ours
+from .runs import ACTIVE_STATUSES, REQUEST_FILE, RunRecord, RunStore, still_ours
 from .saved_prompts import load_prompt
 
 log = logging.getLogger("comfyui-finetune")
@@ -121,7 +122,7 @@ async def get_run(request: web.Request) -> web.Response:
     run_dir = store.run_dir(record.id)
     return web.json_response({"run": record.to_json(), "config": read_config(run_dir),
                               "resumable": record.status in RESUMABLE_STATUSES and load_prompt(store, record) is not None,
-                              "has_checkpoint": has_checkpoint(run_dir)})
+                              "has_checkpoint": RunFolder(run_dir).has_checkpoint()})
 
 
 @json_errors
@@ -188,7 +189,7 @@ def find_run(request: web.Request) -> tuple[RunStore, RunRecord]:
 
 def read_config(run_dir: Path) -> dict[str, Any] | None:
     """The trainer's resolved config, or the config it was asked to start with while it has not written one."""
-    for name in ("config.json", "request.json"):
+    for name in (CONFIG_FILE, REQUEST_FILE):
         try:
             return json.loads((run_dir / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):

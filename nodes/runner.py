@@ -8,6 +8,7 @@ same hash is returned without training, a cancelled or failed one with a checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,13 +27,14 @@ from ..trainers.config import Config
 from ..trainers.errors import FinetuneError
 from ..trainers.errors import DiskFullError
 from ..trainers.io import atomic_path, atomic_write_text, is_disk_full, unique_path
-from .runs import (ACTIVE_STATUSES, STOP_FILE, RunRecord, RunStore, has_checkpoint, live, outputs_from_done,
-                   still_ours)
+from ..trainers.runfolder import (MODEL_FOLDERS, CheckpointEvent, DoneEvent, ErrorEvent, PlanEvent, ProgressEvent,
+                                  RunFolder, SampleEvent, StatusEvent, succeeded)
+from .runs import ACTIVE_STATUSES, REQUEST_FILE, RunRecord, RunStore, live, outputs_from_done, still_ours
 from .saved_prompts import remember_prompt
 from .types import NodeError, TrainingImages, mask_to_pil, node_error, pixels_to_pil
 
 PACK_DIR = Path(__file__).resolve().parents[1]
-REQUEST_FILE, MANIFEST_FILE, LOG_FILE = "request.json", "manifest.jsonl", "train.log"
+MANIFEST_FILE, LOG_FILE = "manifest.jsonl", "train.log"
 POLL_S = 0.2
 RECORD_SAVE_EVERY_S = 1.0
 log = logging.getLogger("comfyui-finetune")
@@ -40,7 +42,18 @@ STOP_WAIT_S = float(os.environ.get("COMFYUI_FINETUNE_STOP_WAIT_S", "30"))
 """How long a cancelled run may take to save its checkpoint before its process is killed."""
 IDLE_TIMEOUT_S = float(os.environ.get("COMFYUI_FINETUNE_IDLE_TIMEOUT_S", "1800"))
 """A trainer that prints nothing for this long is taken for hung and stopped."""
-MODEL_FOLDERS = {"lora": "loras", "checkpoint": "checkpoints"}
+
+
+def checked_config(settings: dict[str, Any], base_path: Path, name: str) -> Config:
+    """A node's settings as the validated trainer config, with placeholders where the runner puts the run's paths;
+    raises the trainer's FinetuneError naming the field."""
+    data = json.loads(json.dumps(settings))
+    data.setdefault("model", {})["base"] = str(base_path)
+    data.setdefault("data", {})["manifest"] = "-"
+    data.setdefault("output", {}).update(dir="-", name=name, export_path="")
+    cfg = Config.from_dict(data)
+    cfg.validate()
+    return cfg
 
 
 @dataclass
@@ -49,12 +62,14 @@ class TrainingJob:
 
     name: str
     kind: str
-    """"lora" or "checkpoint": what is written, and into which models folder."""
+    """What is written, and so into which models folder (`runfolder.MODEL_FOLDERS`)."""
     base_name: str
     base_path: Path
     dataset: TrainingImages
     settings: dict[str, Any]
-    """Config sections as set on the node; the runner adds the paths (model.base, data.manifest, output.*)."""
+    """Config sections as set on the node (what the run's content hash covers)."""
+    cfg: Config
+    """`settings` as the checked config (`checked_config`); the runner only adds the run's paths to it."""
     node_id: str = ""
     prompt_id: str = ""
     input_names: dict[str, str] = field(default_factory=dict)
@@ -65,16 +80,12 @@ class TrainingJob:
         method = self.settings["train"]["method"]
         return f"{method} + DreamBooth" if self.settings.get("dreambooth", {}).get("enabled") else method
 
-    def config(self, **paths: str) -> Config:
-        """The validated trainer config; raises the trainer's FinetuneError naming the field."""
-        data = json.loads(json.dumps(self.settings))
-        data.setdefault("model", {})["base"] = str(self.base_path)
-        data.setdefault("data", {})["manifest"] = paths.get("manifest", "-")
-        data.setdefault("output", {}).update(dir=paths.get("dir", "-"), name=paths.get("name", self.name),
-                                             export_path=paths.get("export_path", ""))
-        cfg = Config.from_dict(data)
-        cfg.validate()
-        return cfg
+    def placed(self, *, manifest: Path, run_dir: Path, export_path: Path) -> Config:
+        """The checked config with the run's paths: the images' manifest, the run folder, the result's file."""
+        cfg = self.cfg
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=str(manifest)),
+                                   output=dataclasses.replace(cfg.output, dir=str(run_dir.parent), name=run_dir.name,
+                                                              export_path=str(export_path)))
 
     def content_hash(self) -> str:
         stat = self.base_path.stat()
@@ -107,10 +118,9 @@ def _run_training(job: TrainingJob, store: RunStore) -> RunRecord:
         raise NodeError(f"this exact training is already running (run {run_id}) — wait for it to finish, or stop "
                         "it in the Fine-tunes panel")
     run_dir = store.run_dir(run_id)
-    resume = found is not None and has_checkpoint(run_dir)
-    cfg = job.config(manifest=str(run_dir / MANIFEST_FILE), dir=str(store.root), name=run_id,
-                     export_path=str(_export_path(job, run_dir)))
-    if not resume and (run_dir / "config.json").exists():
+    resume = found is not None and RunFolder(run_dir).has_checkpoint()
+    cfg = job.placed(manifest=run_dir / MANIFEST_FILE, run_dir=run_dir, export_path=_export_path(job, run_dir))
+    if not resume and RunFolder(run_dir).config.exists():
         cfg.output.overwrite = True  # an earlier attempt failed before its first checkpoint: start it over
     write_manifest(job.dataset, run_dir)
     cfg.save(run_dir / REQUEST_FILE)
@@ -119,7 +129,7 @@ def _run_training(job: TrainingJob, store: RunStore) -> RunRecord:
                        created=found.created if found else time.time(), trigger_word=cfg.data.trigger_word,
                        class_noun=cfg.data.class_noun, content_hash=content_hash, prompt_id=job.prompt_id,
                        node_id=job.node_id, step=found.step if (found and resume) else 0)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)  # an earlier run's; from here on a STOP is a Cancel of this one
+    RunFolder(run_dir).stop.unlink(missing_ok=True)  # an earlier run's; from here on a STOP is a Cancel of this one
     store.save(record)
     remember_prompt(store, record)
     with live(run_id):
@@ -237,7 +247,7 @@ class TrainerProcess:
         if process is None or process.poll() is not None:
             return
         if graceful:
-            atomic_write_text(self.run_dir / STOP_FILE, "stop requested from ComfyUI\n")
+            atomic_write_text(RunFolder(self.run_dir).stop, "stop requested from ComfyUI\n")
             deadline = time.monotonic() + STOP_WAIT_S + 2 * self.seconds_per_step
             while process.poll() is None and time.monotonic() < deadline:
                 self._drain(timeout=POLL_S)
@@ -261,7 +271,7 @@ class TrainerProcess:
     # ---- events ---------------------------------------------------------------------------------------------
     def _on_event(self, event: dict[str, Any], *, show_progress: bool) -> None:
         kind = event.get("event")
-        if kind == "progress":
+        if kind == ProgressEvent.EVENT:
             self.record.step, self.record.loss = int(event["step"]), event.get("loss")
             if event.get("it_s"):
                 self.seconds_per_step = 1.0 / float(event["it_s"])
@@ -271,16 +281,16 @@ class TrainerProcess:
                 self._show_progress(event)
             self._send("finetune.progress", event)
             return
-        if kind == "plan":
+        if kind == PlanEvent.EVENT:
             self.record.steps, self.record.dataset_size = int(event.get("steps", 0)), int(event.get("images", 0))
-        elif kind == "sample":
+        elif kind == SampleEvent.EVENT:
             self._on_sample(event, show_progress)
             return
-        elif kind in ("done", "error"):
+        elif kind in (DoneEvent.EVENT, ErrorEvent.EVENT):
             self.outcome = event
-        elif kind == "status" and show_progress:
+        elif kind == StatusEvent.EVENT and show_progress:
             self._progress_text(str(event.get("message", "")))
-        self._save_record(force=kind in ("plan", "checkpoint", "done", "error"))
+        self._save_record(force=kind in (PlanEvent.EVENT, CheckpointEvent.EVENT, DoneEvent.EVENT, ErrorEvent.EVENT))
         self._send("finetune.status", event)
 
     def _on_sample(self, event: dict[str, Any], show_progress: bool) -> None:
@@ -333,7 +343,7 @@ class TrainerProcess:
 
         self._stop_process(graceful=True)
         self._end("cancelled", f"cancelled at step {self.record.step}" + (
-            "; queue the workflow again to resume" if has_checkpoint(self.run_dir) else ""))
+            "; queue the workflow again to resume" if RunFolder(self.run_dir).has_checkpoint() else ""))
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
 
@@ -343,14 +353,14 @@ class TrainerProcess:
         assert self.process is not None
         code = self.process.wait()
         outcome = self.outcome or {}
-        if outcome.get("event") == "done" and outcome.get("status") == "succeeded":
+        if succeeded(outcome):
             self.record.outputs = outputs_from_done(outcome, self.run_dir, self.kind)
             self._end("succeeded", "")
             return self.record
-        if outcome.get("event") == "done":  # stopped from the Fine-tunes panel (its STOP file)
+        if outcome.get("event") == DoneEvent.EVENT:  # stopped from the Fine-tunes panel (its STOP file)
             self._end("cancelled", f"stopped at step {self.record.step}; queue the workflow again to resume")
             raise mm.InterruptProcessingException()
-        if outcome.get("event") == "error":
+        if outcome.get("event") == ErrorEvent.EVENT:
             self._fail(in_node_terms(outcome, self.input_names), crashed=code == 1)
         self._fail(_exit_reason(code, self.run_dir / LOG_FILE))
 

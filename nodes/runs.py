@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import re
-import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,19 +18,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..trainers.io import atomic_write_text, file_fingerprint, same_file
+from ..trainers.runfolder import (DONE_MODEL, DONE_SAMPLE_PREFIX, OUTCOME_EVENTS, DoneEvent, ProgressEvent, RunFolder,
+                                  family_from_metadata, output_kind, safetensors_metadata, succeeded)
 
 log = logging.getLogger("comfyui-finetune")
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "running")
-RECORD_FILE = "run.json"
-EVENTS_FILE = "events.jsonl"
-STOP_FILE = "STOP"
+RECORD_FILE, REQUEST_FILE = "run.json", "request.json"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
-OUTPUT_KINDS = {"lora": "lora", "full": "checkpoint", "textual_inversion": "embedding", "controlnet": "controlnet",
-                "ddpo": "lora"}
-"""What each trainer method writes: the key of its file in a record's `outputs` (and so its models folder)."""
 EVENTS_READ_LIMIT = 4 * 2**20
 """Bytes of the event log one request of the dashboard reads at most; it asks again from where this one ended."""
 _LIVE_RUN_IDS: set[str] = set()
@@ -81,7 +76,7 @@ class RunRecord:
     @property
     def output_kind(self) -> str:
         """"lora", "checkpoint", "embedding" or "controlnet", from the method (less any " + DreamBooth")."""
-        return OUTPUT_KINDS.get(self.method.split(" + ")[0].strip(), "lora")
+        return output_kind(self.method)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (with `duration`)."""
@@ -140,7 +135,7 @@ class RunStore:
     def events(self, run_id: str, since: int = 0) -> list[dict[str, Any]]:
         """The events logged from line `since` on. A last line still being written is left for the next call."""
         try:
-            path = self.run_dir(run_id) / EVENTS_FILE
+            path = RunFolder(self.run_dir(run_id)).events
             text = path.read_text(encoding="utf-8", errors="replace")
         except (ValueError, OSError):
             return []
@@ -158,7 +153,7 @@ class RunStore:
         to ask from next time: only the new part of the file is read. A last line still being written is left for
         the next call."""
         try:
-            with open(self.run_dir(run_id) / EVENTS_FILE, "rb") as f:
+            with open(RunFolder(self.run_dir(run_id)).events, "rb") as f:
                 f.seek(offset)
                 chunk = f.read(limit)
         except (ValueError, OSError):
@@ -177,7 +172,7 @@ class RunStore:
         record = self.get(run_id)
         if record is None or record.status not in ACTIVE_STATUSES:
             return False
-        atomic_write_text(self.run_dir(run_id) / STOP_FILE, "stop requested\n")
+        atomic_write_text(RunFolder(self.run_dir(run_id)).stop, "stop requested\n")
         return True
 
     def made_loras(self) -> list[dict[str, Any]]:
@@ -224,21 +219,21 @@ def settle_from_events(record: RunRecord, events: list[dict[str, Any]], run_dir:
     checkpoint is there to resume from."""
     record.pid = 0
     record.finished = record.finished or time.time()
-    outcome = next((e for e in reversed(events) if e.get("event") in ("done", "error")), None)
-    if outcome is not None and outcome["event"] == "done" and outcome.get("status") == "succeeded":
+    outcome = next((e for e in reversed(events) if e.get("event") in OUTCOME_EVENTS), None)
+    if outcome is not None and succeeded(outcome):
         record.status, record.error = "succeeded", ""
         record.outputs = outputs_from_done(outcome, run_dir, record.output_kind)
-    elif outcome is not None and outcome["event"] == "done":
+    elif outcome is not None and outcome["event"] == DoneEvent.EVENT:
         record.status, record.error = "cancelled", ""
     elif outcome is not None:
         record.status, record.error = "failed", str(outcome.get("message", "the trainer reported an error"))
-    elif has_checkpoint(run_dir):
+    elif RunFolder(run_dir).has_checkpoint():
         record.status = "cancelled"
         record.error = "ComfyUI stopped while this run was training; queue it again to resume from its checkpoint"
     else:
         record.status = "failed"
         record.error = "ComfyUI stopped before this run saved a checkpoint; queue it again to start over"
-    progress = [e for e in events if e.get("event") == "progress"]
+    progress = [e for e in events if e.get("event") == ProgressEvent.EVENT]
     if progress:
         record.step, record.loss = int(progress[-1]["step"]), progress[-1].get("loss")
 
@@ -247,8 +242,8 @@ def outputs_from_done(done: dict[str, Any], run_dir: Path, kind: str) -> dict[st
     """A record's `outputs` from the trainer's `done` event; the result lies directly in its models folder. `file`
     (size and hash) tells later whether the file there still is the one the run wrote."""
     produced = done.get("outputs", {})
-    model = Path(produced["model"])
-    samples = [Path(p) for key, p in sorted(produced.items()) if key.startswith("sample_")]
+    model = Path(produced[DONE_MODEL])
+    samples = [Path(p) for key, p in sorted(produced.items()) if key.startswith(DONE_SAMPLE_PREFIX)]
     try:
         written = file_fingerprint(model)
     except OSError:
@@ -257,33 +252,15 @@ def outputs_from_done(done: dict[str, Any], run_dir: Path, kind: str) -> dict[st
             "samples": [p.relative_to(run_dir).as_posix() if p.is_relative_to(run_dir) else str(p) for p in samples]}
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    folder = run_dir / "checkpoints"
-    return folder.is_dir() and any(p.is_dir() and p.name.startswith("step_") for p in folder.iterdir())
-
-
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors header, read without loading any tensor; {} when unreadable."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                return {}
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError):
-        return {}
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
-
-
-def lora_family(metadata: dict[str, str]) -> str:
-    return _FAMILIES.get(metadata.get("ss_base_model_version", ""), "")
+def lora_family(path: Path) -> str:
+    """"sd1", "sd2" or "sdxl" from a LoRA file's header; "" when it does not say."""
+    return family_from_metadata(safetensors_metadata(path)) or ""
 
 
 def lora_summary(path: Path) -> dict[str, Any]:
     """What the dashboard shows about a LoRA file, from its header."""
-    meta = read_safetensors_metadata(path)
-    return {"family": lora_family(meta), "base_model": meta.get("ss_sd_model_name", ""),
+    meta = safetensors_metadata(path)
+    return {"family": family_from_metadata(meta) or "", "base_model": meta.get("ss_sd_model_name", ""),
             "rank": meta.get("ss_network_dim", ""), "alpha": meta.get("ss_network_alpha", ""),
             "steps": meta.get("ss_steps", ""), "resolution": meta.get("modelspec.resolution", ""),
             "images": meta.get("ss_num_train_images", ""), "trained_at": meta.get("modelspec.date", ""),

@@ -8,27 +8,23 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import folder_paths
-from comfy_api.v0_0_2 import io, ui
+from comfy_api.v0_0_2 import io
 
 from ..trainers.config import DDPO_DEFAULT_EPOCHS
-from ..trainers.errors import FinetuneError
-from ..trainers.io import atomic_path
 from ..trainers.preprocess import NEEDS_DEPTH_MODEL, PREPROCESSORS
+from .builder import (TRAIN_SPECS, TrainingNode, build_job, chart_and_sample_outputs, checkpoint_input,
+                      data_settings, loss_chart_output, resolution_input, result_images, reward_images, run_inputs,
+                      sample_settings, steps_input)
 from .access import confine_data
 from .caption import model_folder_path, model_folders
-from .charts import LossHistory, loss_chart
-from .choices import DEFAULT_ALGORITHM, DEFAULT_OPTIMIZER, algorithm_input, learning_rate_input, optimizer_input
-from .runner import MODEL_FOLDERS, TrainingJob, run_training
-from .runs import RUNS_ROOT, RunRecord, RunStore, lora_family, read_safetensors_metadata
-from .train import TrainingNode, chart_and_sample_outputs, merge, parse_advanced, result_images
-from .types import (DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, TrainingImages, image_batch, node_error,
-                    pixels_to_pil)
+from .choices import DEFAULT_ALGORITHM, algorithm_input
+from .runner import run_training
+from .runs import RUNS_ROOT, lora_family
+from .types import DatasetType, FileNameOutput, LoraType, NodeError, TrainedLora, TrainingImages, pixels_to_pil
 from .validation import check_inputs
 
-MODEL_FOLDERS.update(embedding="embeddings", controlnet="controlnet")
 REWARD_FOLDER = "reward_models"
 folder_paths.add_model_folder_path(REWARD_FOLDER, os.path.join(folder_paths.models_dir, REWARD_FOLDER))
 
@@ -38,12 +34,6 @@ WEIGHT_FREE_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
 MODEL_REWARDS = ("aesthetic", "clip_score", "blip_score")
 TRAINING_MAPS = tuple(p for p in PREPROCESSORS if p not in NEEDS_DEPTH_MODEL)
 NO_FILE = "(none)"
-CHECKPOINT_EVERY = 100
-COMMON_INPUTS = {"model.base": "base_checkpoint", "train.steps": "steps", "train.optimizer": "optimizer",
-                 "train.learning_rate": "learning_rate",
-                 "train.batch_size": "batch_size", "train.seed": "seed", "data.resolution": "resolution",
-                 "output.name": "name", "output.sample_every": "sample_every"}
-
 
 @dataclass(frozen=True)
 class RewardChoice:
@@ -52,186 +42,85 @@ class RewardChoice:
     settings: dict[str, str]
 
 
-# ---- inputs the three nodes share ----------------------------------------------------------------------------
-def checkpoint_input() -> io.Combo.Input:
-    return io.Combo.Input("base_checkpoint", options=folder_paths.get_filename_list("checkpoints"),
-                          tooltip="The Stable Diffusion checkpoint (SD1.x, SD2.x or SDXL) to train for, from "
-                                  "models/checkpoints.")
-
-
-def run_inputs(default_name: str, default_lr: str, *, samples: str | None) -> list:
-    """steps, learning rate, batch, seed, name, sample prompts (when `samples` is their default) and advanced."""
-    inputs = [
-        learning_rate_input(default_lr),
-        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step: smoother, more memory."),
-        io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFF, control_after_generate=False,
-                     tooltip="Makes a run repeatable. Changing it starts a new training."),
-        io.String.Input("name", default=default_name,
-                        tooltip="File name of the result (without extension); if taken, _2, _3... is added."),
-    ]
-    if samples is not None:
-        inputs += [
-            io.String.Input("sample_prompts", multiline=True, default=samples,
-                            tooltip="Prompts for sample images during training, one per line; {trigger} is "
-                                    "replaced. Empty = no samples."),
-            io.Int.Input("sample_every", default=100, min=0, max=100000,
-                         tooltip="Make sample images every N steps (and always at the end); 0 = only at the end."),
-        ]
-    return inputs + [io.String.Input("advanced", multiline=True, default="", optional=True,
-                                     tooltip="More trainer settings as TOML or JSON, by section (see the README's "
-                                             "config reference)."),
-                     optimizer_input()]  # inputs added later go last: a saved graph's widget values stay in place
-
-
-def method_job(node: type[io.ComfyNode], kind: str, inputs: dict[str, Any], settings: dict[str, Any],
-               dataset: TrainingImages, field_inputs: dict[str, str]) -> TrainingJob:
-    """The node's inputs as a checked TrainingJob; every problem is a NodeError naming the input to change."""
-    from comfy_execution.utils import get_executing_context
-
-    base_path = folder_paths.get_full_path("checkpoints", inputs["base_checkpoint"])
-    if base_path is None:
-        raise NodeError(f"`base_checkpoint`: {inputs['base_checkpoint']!r} is not in models/checkpoints — put the "
-                        "file there and refresh the page (R), or pick another checkpoint")
-    settings["train"].update(steps=inputs["steps"], optimizer=inputs.get("optimizer", DEFAULT_OPTIMIZER),
-                             learning_rate=inputs["learning_rate"], batch_size=inputs["batch_size"], seed=inputs["seed"])
-    settings.setdefault("output", {}).update(checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=1)
-    advanced = (inputs.get("advanced") or "").strip()
-    settings = merge(settings, parse_advanced(advanced))
-    context = get_executing_context()
-    job = TrainingJob(name=inputs["name"].strip(), kind=kind, base_name=inputs["base_checkpoint"],
-                      base_path=Path(base_path), dataset=dataset, settings=settings,
-                      node_id=str(node.hidden.unique_id or (context.node_id if context else "")),
-                      prompt_id=context.prompt_id if context else "",
-                      input_names={**COMMON_INPUTS, **field_inputs})
-    names = job.input_names
-    try:
-        job.config()
-    except FinetuneError as exc:
-        error = node_error(exc, names)
-        raise (NodeError(f"in `advanced`, {error}") if exc.where not in names and advanced else error) from None
-    return job
-
-
-def sample_settings(inputs: dict[str, Any], trigger: str = "") -> dict[str, Any]:
-    prompts = [line.replace("{trigger}", trigger).strip() for line in inputs.get("sample_prompts", "").splitlines()]
-    return {"sample_prompts": [p for p in prompts if p], "sample_every": inputs.get("sample_every", 0)}
-
-
-def data_settings(dataset: TrainingImages, resolution: int, **extra: Any) -> dict[str, Any]:
-    data = {**dataset.options, **extra}
-    if resolution:
-        data["resolution"] = resolution
-    return data
-
-
 class TrainTextualInversion(TrainingNode):
+    SPEC = TRAIN_SPECS["FinetuneTrainTextualInversion"]
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FinetuneTrainTextualInversion",
-            display_name="Train Textual Inversion",
-            category="finetune/train",
-            description="Learns a new word (an embedding) for your subject or style; the model itself stays as it "
-                        "is. Saved into models/embeddings: write embedding:NAME in any prompt.",
-            inputs=[
-                checkpoint_input(),
-                DatasetType.Input("dataset", tooltip="Images of the concept from Load Training Images."),
-                io.String.Input("trigger_word", default="sks",
-                                tooltip="A made-up word for the concept, used in the captions while training (it is "
-                                        "added to every caption that lacks it). Not a word the model knows."),
-                io.String.Input("initializer", default="",
-                                tooltip="A word or two describing the concept, e.g. 'dog' or 'oil painting': the new "
-                                        "embedding starts from their meaning. Empty = '*'."),
-                io.Int.Input("num_vectors", default=1, min=1, max=75,
-                             tooltip="How many tokens the embedding spans: 1-4 for an object, more for a style "
-                                     "(each takes a place in the prompt's 75)."),
-                io.Int.Input("steps", default=0, min=0, max=100000,
-                             tooltip="Training steps; 0 = automatic (100 per image, 400 to 1200)."),
-                io.Int.Input("resolution", default=0, min=0, max=4096, step=64,
-                             tooltip="Training side length; 0 = the one set on Load Training Images."),
-                io.String.Input("prompt_template", default="a photo of {embedding}",
-                                tooltip="The `prompt` output: {embedding} becomes embedding:NAME. Connect it to a "
-                                        "CLIP Text Encode's text."),
-                *run_inputs("my_embedding", "5e-3", samples="a photo of {trigger}"),
-            ],
-            outputs=[
-                io.String.Output("embedding_name", display_name="embedding_name",
-                                 tooltip="Its name in models/embeddings; write embedding:NAME in a prompt."),
-                io.String.Output("prompt", display_name="prompt", tooltip="prompt_template with the embedding in it."),
-                *chart_and_sample_outputs(),
-            ],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
-        )
+        return cls.schema([
+            checkpoint_input("to train for"),
+            DatasetType.Input("dataset", tooltip="Images of the concept from Load Training Images."),
+            io.String.Input("trigger_word", default="sks",
+                            tooltip="A made-up word for the concept, used in the captions while training (it is "
+                                    "added to every caption that lacks it). Not a word the model knows."),
+            io.String.Input("initializer", default="",
+                            tooltip="A word or two describing the concept, e.g. 'dog' or 'oil painting': the new "
+                                    "embedding starts from their meaning. Empty = '*'."),
+            io.Int.Input("num_vectors", default=1, min=1, max=75,
+                         tooltip="How many tokens the embedding spans: 1-4 for an object, more for a style "
+                                 "(each takes a place in the prompt's 75)."),
+            steps_input(),
+            resolution_input(),
+            io.String.Input("prompt_template", default="a photo of {embedding}",
+                            tooltip="The `prompt` output: {embedding} becomes embedding:NAME. Connect it to a "
+                                    "CLIP Text Encode's text."),
+            *run_inputs("my_embedding", "5e-3", samples="a photo of {trigger}"),
+        ], [
+            io.String.Output("embedding_name", display_name="embedding_name",
+                             tooltip="Its name in models/embeddings; write embedding:NAME in a prompt."),
+            io.String.Output("prompt", display_name="prompt", tooltip="prompt_template with the embedding in it."),
+            *chart_and_sample_outputs(),
+        ])
 
     @classmethod
-    def execute(cls, dataset: TrainingImages, trigger_word: str, initializer: str, num_vectors: int, resolution: int,
+    def execute(cls, dataset: TrainingImages, trigger_word: str, initializer: str, num_vectors: int,
                 prompt_template: str, **inputs) -> io.NodeOutput:
         trigger = trigger_word.strip()
-        settings = {"data": data_settings(dataset, resolution, trigger_word=trigger),
+        settings = {"data": data_settings(dataset, inputs["resolution"], trigger_word=trigger),
                     "train": {"method": "textual_inversion"},
                     "textual_inversion": {"initializer": initializer.strip(), "num_vectors": num_vectors},
                     "output": sample_settings(inputs, trigger)}
-        job = method_job(cls, "embedding", inputs, settings, dataset, {
-            "data.trigger_word": "trigger_word", "textual_inversion.initializer": "initializer",
-            "textual_inversion.num_vectors": "num_vectors"})
-        record = run_training(job)
+        record = run_training(build_job(cls, inputs, settings, dataset))
         name = Path(record.outputs["embedding"]).stem
-        chart, samples, shown = result_images(record)
+        images = result_images(record)
         prompt = prompt_template.replace("{embedding}", f"embedding:{name}")
-        return io.NodeOutput(name, prompt, chart, samples, ui=shown)
+        return io.NodeOutput(name, prompt, images.chart, images.samples, ui=images.ui())
 
 
 class TrainControlNet(TrainingNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FinetuneTrainControlNet",
-            display_name="Train ControlNet",
-            category="finetune/train",
-            description="Trains a ControlNet (started from the checkpoint's own UNet) to follow control maps: made "
-                        "from your images by a preprocessor, or given in a folder of maps named like the images. "
-                        "Saved into models/controlnet, for ControlNet Condition.",
-            inputs=[
-                checkpoint_input(),
-                DatasetType.Input("dataset", tooltip="Training images and captions from Load Training Images."),
-                io.Combo.Input("preprocessor", options=list(TRAINING_MAPS), default="canny",
-                               tooltip="How each image's control map is made (the same as ControlNet Condition "
-                                       "makes it when generating). Ignored when `control_folder` is set."),
-                io.String.Input("control_folder", default="",
-                                tooltip="Optional: a folder of ready-made maps (depth, pose, ...), one per training "
-                                        "image with the same file name (img_01.png for img_01.jpg): a folder "
-                                        "inside ComfyUI's input folder (relative to it), or one the person running "
-                                        "ComfyUI allows (see the README's Safety section)."),
-                io.Int.Input("steps", default=0, min=0, max=1000000,
-                             tooltip="Training steps; 0 = automatic (100 per image, 400 to 1200). ControlNets often "
-                                     "need thousands before they follow the maps."),
-                io.Int.Input("resolution", default=0, min=0, max=4096, step=64,
-                             tooltip="Training side length; 0 = the one set on Load Training Images."),
-                *run_inputs("my_controlnet", "1e-5", samples=None),
-            ],
-            outputs=[
-                FileNameOutput("controlnet_name", display_name="control_net",
-                               tooltip="Its file in models/controlnet: connect it to ControlNet Condition's "
-                                       "control_net (or the stock Load ControlNet Model's)."),
-                io.Image.Output("loss_chart", display_name="loss_chart",
-                                tooltip="The loss per step (thin) and its moving average (bold)."),
-            ],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
-        )
+    SPEC = TRAIN_SPECS["FinetuneTrainControlNet"]
 
     @classmethod
-    def execute(cls, dataset: TrainingImages, preprocessor: str, control_folder: str, resolution: int,
-                **inputs) -> io.NodeOutput:
+    def define_schema(cls) -> io.Schema:
+        return cls.schema([
+            checkpoint_input("to train for"),
+            DatasetType.Input("dataset", tooltip="Training images and captions from Load Training Images."),
+            io.Combo.Input("preprocessor", options=list(TRAINING_MAPS), default="canny",
+                           tooltip="How each image's control map is made (the same as ControlNet Condition "
+                                   "makes it when generating). Ignored when `control_folder` is set."),
+            io.String.Input("control_folder", default="",
+                            tooltip="Optional: a folder of ready-made maps (depth, pose, ...), one per training "
+                                    "image with the same file name (img_01.png for img_01.jpg): a folder "
+                                    "inside ComfyUI's input folder (relative to it), or one the person running "
+                                    "ComfyUI allows (see the README's Safety section)."),
+            steps_input(1000000, " ControlNets often need thousands before they follow the maps."),
+            resolution_input(),
+            *run_inputs("my_controlnet", "1e-5", samples=None),
+        ], [
+            FileNameOutput("controlnet_name", display_name="control_net",
+                           tooltip="Its file in models/controlnet: connect it to ControlNet Condition's "
+                                   "control_net (or the stock Load ControlNet Model's)."),
+            loss_chart_output(),
+        ])
+
+    @classmethod
+    def execute(cls, dataset: TrainingImages, preprocessor: str, control_folder: str, **inputs) -> io.NodeOutput:
         folder = resolve_control_folder(control_folder.strip())
-        settings = {"data": data_settings(dataset, resolution), "train": {"method": "controlnet"},
+        settings = {"data": data_settings(dataset, inputs["resolution"]), "train": {"method": "controlnet"},
                     "controlnet": {"preprocessor": preprocessor, "control_folder": folder}}
-        job = method_job(cls, "controlnet", inputs, settings, dataset, {
-            "controlnet.preprocessor": "preprocessor", "controlnet.control_folder": "control_folder"})
-        record = run_training(job)
-        chart, _, shown = result_images(record)
-        return io.NodeOutput(record.outputs["controlnet"], chart, ui=shown)
+        record = run_training(build_job(cls, inputs, settings, dataset))
+        images = result_images(record)
+        return io.NodeOutput(record.outputs["controlnet"], images.chart, ui=images.ui())
 
 
 def resolve_control_folder(text: str) -> str:
@@ -356,96 +245,59 @@ def save_references(images) -> Path:
 
 
 class TrainDDPO(TrainingNode):
+    SPEC = TRAIN_SPECS["FinetuneTrainDDPO"]
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FinetuneTrainDDPO",
-            display_name="Train DDPO (reward fine-tune)",
-            category="finetune/train",
-            description="Reinforcement learning (DDPO): the model samples images for your prompts, a reward scores "
-                        "them, and a LoRA learns to make higher-scoring images. Saved into models/loras.",
-            inputs=[
-                checkpoint_input(),
-                io.String.Input("prompts", multiline=True, default="a photo of a cat\na photo of a dog",
-                                tooltip="Prompts to sample from, one per line."),
-                io.Combo.Input("reward", options=list(WEIGHT_FREE_REWARDS), default=WEIGHT_FREE_REWARDS[0],
-                               tooltip="jpeg_compressibility: smaller JPEG files (simpler, smoother images); "
-                                       "jpeg_incompressibility: larger ones (more detail). Replaced by `reward_model` "
-                                       "when that is connected."),
-                io.Int.Input("steps", default=0, min=0, max=1000000,
-                             tooltip=f"Optimizer steps; 0 = {DDPO_DEFAULT_EPOCHS} epochs of sampling and training."),
-                io.Int.Input("samples_per_epoch", default=32, min=1, max=4096,
-                             tooltip="Images sampled and scored per epoch (a multiple of batch_size)."),
-                io.Int.Input("sampling_steps", default=50, min=2, max=1000,
-                             tooltip="DDIM steps per sampled image; each is trained on."),
-                io.Float.Input("guidance", default=5.0, min=1.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance while sampling (1 = none, twice as fast)."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Side of sampled images."),
-                io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA size."),
-                *run_inputs("my_ddpo_lora", "3e-4", samples="{first prompt}"),
-                RewardType.Input("reward_model", optional=True,
-                                 tooltip="A reward from DDPO Reward (aesthetic, CLIP or BLIP score: needs a model) or "
-                                         "from DDPO Reference Reward (look like images in the graph)."),
-                algorithm_input(),
-            ],
-            outputs=[
-                LoraType.Output("lora", display_name="lora", tooltip="The trained LoRA, for Apply LoRA."),
-                io.String.Output("lora_name", display_name="lora_name", tooltip="Its file name in models/loras."),
-                io.Image.Output("reward_chart", display_name="reward_chart",
-                                tooltip="The mean reward of each epoch's samples, per step."),
-                io.Image.Output("samples", display_name="samples", tooltip="Sample images of the last step."),
-            ],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
-        )
+        return cls.schema([
+            checkpoint_input("to train for"),
+            io.String.Input("prompts", multiline=True, default="a photo of a cat\na photo of a dog",
+                            tooltip="Prompts to sample from, one per line."),
+            io.Combo.Input("reward", options=list(WEIGHT_FREE_REWARDS), default=WEIGHT_FREE_REWARDS[0],
+                           tooltip="jpeg_compressibility: smaller JPEG files (simpler, smoother images); "
+                                   "jpeg_incompressibility: larger ones (more detail). Replaced by `reward_model` "
+                                   "when that is connected."),
+            io.Int.Input("steps", default=0, min=0, max=1000000,
+                         tooltip=f"Optimizer steps; 0 = {DDPO_DEFAULT_EPOCHS} epochs of sampling and training."),
+            io.Int.Input("samples_per_epoch", default=32, min=1, max=4096,
+                         tooltip="Images sampled and scored per epoch (a multiple of batch_size)."),
+            io.Int.Input("sampling_steps", default=50, min=2, max=1000,
+                         tooltip="DDIM steps per sampled image; each is trained on."),
+            io.Float.Input("guidance", default=5.0, min=1.0, max=30.0, step=0.1,
+                           tooltip="Classifier-free guidance while sampling (1 = none, twice as fast)."),
+            io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Side of sampled images."),
+            io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA size."),
+            *run_inputs("my_ddpo_lora", "3e-4", samples="{first prompt}"),
+            RewardType.Input("reward_model", optional=True,
+                             tooltip="A reward from DDPO Reward (aesthetic, CLIP or BLIP score: needs a model) or "
+                                     "from DDPO Reference Reward (look like images in the graph)."),
+            algorithm_input(),
+        ], [
+            LoraType.Output("lora", display_name="lora", tooltip="The trained LoRA, for Apply LoRA."),
+            io.String.Output("lora_name", display_name="lora_name", tooltip="Its file name in models/loras."),
+            io.Image.Output("reward_chart", display_name="reward_chart",
+                            tooltip="The mean reward of each epoch's samples, per step."),
+            io.Image.Output("samples", display_name="samples", tooltip="Sample images of the last step."),
+        ])
 
     @classmethod
     def execute(cls, prompts: str, reward: str, samples_per_epoch: int, sampling_steps: int, guidance: float,
-                resolution: int, rank: int, reward_model: RewardChoice | None = None,
-                algorithm: str = DEFAULT_ALGORITHM, **inputs) -> io.NodeOutput:
+                rank: int, reward_model: RewardChoice | None = None, algorithm: str = DEFAULT_ALGORITHM,
+                **inputs) -> io.NodeOutput:
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         inputs["sample_prompts"] = inputs.get("sample_prompts", "").replace("{first prompt}", lines[0] if lines else "")
         ddpo = {"prompts": lines, "reward": reward, "samples_per_epoch": samples_per_epoch,
                 "sample_batch_size": max(n for n in range(1, 9) if samples_per_epoch % n == 0),
                 "sample_steps": sampling_steps, "guidance": guidance,
                 **(reward_model.settings if reward_model is not None else {})}
-        settings = {"data": {"resolution": resolution}, "train": {"method": "ddpo"}, "ddpo": ddpo,
+        settings = {"data": {"resolution": inputs["resolution"]}, "train": {"method": "ddpo"}, "ddpo": ddpo,
                     "lora": {"algorithm": algorithm, "rank": rank, "alpha": float(rank)},
                     "output": sample_settings(inputs)}
-        job = method_job(cls, "lora", inputs, settings, TrainingImages(entries=(), source="ddpo prompts"), {
-            "ddpo.prompts": "prompts", "ddpo.reward": "reward", "ddpo.samples_per_epoch": "samples_per_epoch",
-            "ddpo.sample_batch_size": "samples_per_epoch", "ddpo.sample_steps": "sampling_steps",
-            "ddpo.guidance": "guidance", "ddpo.reward_model": "reward_model", "ddpo.aesthetic_head": "reward_model",
-            "ddpo.reference_folder": "reward_model",
-            "lora.rank": "rank", "lora.algorithm": "algorithm"})
-        record = run_training(job)
+        record = run_training(build_job(cls, inputs, settings, TrainingImages(entries=(), source="ddpo prompts")))
         path = Path(record.outputs["path"])
-        lora = TrainedLora(name=record.outputs["lora"], path=str(path),
-                           family=lora_family(read_safetensors_metadata(path)))
-        _, samples, shown = result_images(record)
-        chart, chart_shown = reward_chart(record)
-        rest = [result for result in shown.results if result.filename != "loss.png"]
-        return io.NodeOutput(lora, lora.name, chart, samples, ui=ui.SavedImages([*chart_shown, *rest]))
-
-
-def reward_chart(record: RunRecord) -> tuple[Any, list[ui.SavedResult]]:
-    """The mean reward of each step's epoch, drawn as the loss chart draws the loss (the PPO loss itself says
-    little), saved as the run's reward.png: as an IMAGE batch, and as a node preview."""
-    store = RunStore()
-    history = LossHistory()
-    for event in store.events(record.id):
-        if event.get("event") == "progress" and "reward_mean" in event:
-            history.steps.append(int(event["step"]))
-            history.loss.append(float(event["reward_mean"]))
-            history.smoothed.append(float(event["reward_mean"]))
-    chart = loss_chart(history, title=f"{record.name} · mean reward of the sampled images")
-    path = store.run_dir(record.id) / "reward.png"
-    with atomic_path(path) as tmp:
-        chart.save(tmp, format="PNG")
-    output_dir = Path(folder_paths.get_output_directory())
-    shown = [ui.SavedResult(path.name, path.parent.relative_to(output_dir).as_posix(), io.FolderType.output)
-             ] if path.is_relative_to(output_dir) else []
-    return image_batch([chart], chart.size), shown
+        lora = TrainedLora(name=record.outputs["lora"], path=str(path), family=lora_family(path))
+        images = reward_images(record)
+        return io.NodeOutput(lora, lora.name, images.chart, images.samples, ui=images.ui())
 
 
 NODES = [TrainTextualInversion, TrainControlNet, DDPOReward, DDPOReferenceReward, TrainDDPO]

@@ -4,9 +4,12 @@ servers on demand, and a real Chromium for browser tests. Tests under tests/inte
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+import sys
 import tempfile
+import types
 import warnings
 from pathlib import Path
 
@@ -55,6 +58,18 @@ def _server_left_idle(request: pytest.FixtureRequest):
     server = request.node.funcargs.get("comfy_server")
     if server is not None and not ComfyClient(server.base_url).settle():
         warnings.warn(f"{request.node.nodeid} left a prompt running on the session's server that did not stop")
+
+
+@pytest.fixture(scope="session")
+def runs():
+    """`nodes/runs.py` imported as ComfyUI imports it, inside the pack (it imports the trainer relatively), without
+    running `nodes/__init__.py`, which needs ComfyUI: the record store itself does not."""
+    for name, folder in (("finetune_pack", TESTS.parent), ("finetune_pack.nodes", TESTS.parent / "nodes")):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [str(folder)]
+            sys.modules[name] = package
+    return importlib.import_module("finetune_pack.nodes.runs")
 
 
 @pytest.fixture(scope="session")

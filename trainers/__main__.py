@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     from .events import StopSignal, events_to_parent, print_human, print_json_lines
+    from .runfolder import ErrorEvent, PlanEvent
 
     started = time.time()
     printer = print_json_lines if args.events else print_human
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from .plan import make_plan
 
-            printer({"event": "plan", **make_plan(cfg).summary()})
+            printer(PlanEvent(make_plan(cfg).summary()).as_dict())
             return 0
         from .loop import train
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except FinetuneError as exc:
         if args.events and not getattr(exc, "reported", False):
-            print_json_lines({"event": "error", "message": str(exc), "where": exc.where})
+            print_json_lines(ErrorEvent(str(exc), exc.where).as_dict())
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from .errors import FinetuneError
 from .io import disk_full_named, fsync_file, fsync_tree
+from .runfolder import CHECKPOINT_STATE_FILE, STEP_PREFIX, RunFolder
 
 log = logging.getLogger(__name__)
 
-STEP_PREFIX = "step_"
 OLD_SUFFIX = ".old"
 LEGACY_RNG_FILE = "rng.pt"  # checkpoints written before each process saved its own RNG: the noise generator only
 
@@ -52,30 +52,23 @@ class Resumables:
     """The fp16 GradScaler (accelerate's `accelerator.scaler`); None without fp16."""
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return None
-    _restore_set_aside(folder)
-    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-                  and (p / "state.json").is_file())
-    return done[-1] if done else None
+    run = RunFolder(run_dir)
+    if run.checkpoints.is_dir():
+        _restore_set_aside(run.checkpoints)
+    return run.latest_checkpoint()
 
 
 def save_checkpoint(run_dir: Path, state: LoopState, method, resumables: Resumables, processes, *,
                     keep: int) -> Path:
     """Every process calls this (`processes` is the Accelerator or accelerate's PartialState): each one writes its
     own RNG state, the main process the weights (`method.trainable_state()` / `extra_state()`) and the rest."""
-    folder = checkpoint_dir(run_dir)
-    final = folder / f"{STEP_PREFIX}{state.step:06d}"
-    tmp = folder / f".{final.name}.part"
+    run = RunFolder(run_dir)
+    final = run.checkpoint(state.step)
+    tmp = final.with_name(f".{final.name}.part")
     processes.wait_for_everyone()
     try:
-        with disk_full_named(folder):
+        with disk_full_named(run.checkpoints):
             if processes.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
@@ -86,7 +79,7 @@ def save_checkpoint(run_dir: Path, state: LoopState, method, resumables: Resumab
                 _write_main_state(tmp, state, method, resumables)
                 fsync_tree(tmp)
                 replace_folder(tmp, final)
-                _prune(folder, keep=max(1, keep))
+                _prune(run, keep=max(1, keep))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -117,7 +110,7 @@ def load_checkpoint(path: Path, resumables: Resumables, *, rank: int = 0):
     """Restore optimizer, scheduler, scaler and this process's RNG states in place; return (state, trainable,
     extra) for the method to load."""
     try:
-        state = LoopState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+        state = LoopState(**json.loads((path / CHECKPOINT_STATE_FILE).read_text(encoding="utf-8")))
         trainable = load_file(str(path / "trainable.safetensors"))
         extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
         resumables.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
@@ -141,7 +134,7 @@ def _write_main_state(tmp: Path, state: LoopState, method, resumables: Resumable
     torch.save(resumables.lr_scheduler.state_dict(), tmp / "scheduler.pt")
     if resumables.scaler is not None:
         torch.save(resumables.scaler.state_dict(), tmp / "scaler.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+    (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
 
 
 def _rng_file(rank: int) -> str:
@@ -176,7 +169,6 @@ def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def _prune(folder: Path, keep: int) -> None:
-    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
-    for old in done[:-keep]:
+def _prune(run: RunFolder, keep: int) -> None:
+    for old in run.step_folders()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,11 +1,13 @@
 """The progress/sample/stop protocol that the CLI, the ComfyUI runner and TensorBoard all listen to.
 
-The loop calls `EventLog.emit(kind, **fields)`; every callback receives the same dict. `StopSignal` is how a parent
-(a ComfyUI Cancel, Ctrl-C, a `STOP` file) asks the loop to stop at the next step boundary.
+The loop calls `EventLog.emit(event)` with one of the typed events of `runfolder`; every callback receives the same
+dict. `StopSignal` is how a parent (a ComfyUI Cancel, Ctrl-C, a `STOP` file) asks the loop to stop at the next step
+boundary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-log = logging.getLogger(__name__)
+from .runfolder import (CheckpointEvent, DoneEvent, ErrorEvent, Event, PlanEvent, ProgressEvent, RunFolder,
+                        SampleEvent, SavedEvent, StatusEvent, ValidationEvent)
 
-STOP_FILE_NAME = "STOP"
+log = logging.getLogger(__name__)
 
 
 class Callback(Protocol):
@@ -34,10 +37,10 @@ class EventLog:
         self._file = None
         if run_dir is not None and enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(run_dir / "events.jsonl", "a", encoding="utf-8")
+            self._file = open(RunFolder(run_dir).events, "a", encoding="utf-8")
 
-    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
-        event = {"event": kind, "time": round(time.time(), 3), **fields}
+    def emit(self, typed: Event) -> dict[str, Any]:
+        event = {"event": typed.EVENT, "time": round(time.time(), 3), **typed.fields()}
         if not self.enabled:
             return event
         if self._file is not None:
@@ -92,21 +95,24 @@ def events_to_parent(stop: "StopSignal") -> Callable[[dict[str, Any]], None]:
 
 def print_human(event: dict[str, Any]) -> None:
     kind = event["event"]
-    if kind == "progress":
+    if kind == ProgressEvent.EVENT:
         eta = event.get("eta_s")
         eta_text = f"{eta:.0f}s" if eta is not None else "?"
         print(f"step {event['step']}/{event['total']}  loss {event['loss']:.4f} (avg {event['loss_avg']:.4f})  "
               f"lr {event['lr']:.2e}  {event['it_s']:.2f} it/s  eta {eta_text}", flush=True)
-    elif kind == "plan":
+    elif kind == PlanEvent.EVENT:
         print(event.get("text", ""), flush=True)
-    elif kind in ("saved", "checkpoint", "sample", "validation", "done", "error", "status"):
+    elif kind in _PRINTED:
         fields = {k: v for k, v in event.items() if k not in ("event", "time")}
         print(f"[{kind}] {json.dumps(fields, default=str)}", flush=True)
 
 
+_PRINTED = tuple(e.EVENT for e in (SavedEvent, CheckpointEvent, SampleEvent, ValidationEvent, DoneEvent, ErrorEvent,
+                                    StatusEvent))
+
 # Progress fields that are not training values; every other number in a progress event (a method's own values,
 # e.g. DDPO's reward_mean or DreamBooth's loss_prior) is logged as `train/<name>`.
-_PROGRESS_BOOKKEEPING = {"event", "time", "step", "total", "loss", "loss_avg", "lr", "lrs", "it_s", "eta_s"}
+_PROGRESS_BOOKKEEPING = {"event", "time", *(f.name for f in dataclasses.fields(ProgressEvent) if f.name != "values")}
 
 
 class TensorBoardWriter:
@@ -130,15 +136,15 @@ class TensorBoardWriter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
-        if self._summary_writer is None or kind not in ("progress", "validation", "sample"):
+        if self._summary_writer is None or kind not in (ProgressEvent.EVENT, ValidationEvent.EVENT, SampleEvent.EVENT):
             return
         step = event["step"]
         if self.writer is None:
             # A resumed run starts at a later step: what an earlier process logged from there on is dropped.
             self.writer = self._summary_writer(str(self.log_dir), purge_step=step)
-        if kind == "progress":
+        if kind == ProgressEvent.EVENT:
             self._progress(event, step)
-        elif kind == "validation":
+        elif kind == ValidationEvent.EVENT:
             self.writer.add_scalar("loss/validation", event["loss"], step)
         else:
             self._samples(event["paths"], step)
@@ -169,7 +175,7 @@ class TensorBoardWriter:
 
 def tensorboard_listeners(run_dir: Path, enabled: bool) -> list[Callback]:
     """The TensorBoard writer for `<run>/tensorboard/`, when `output.tensorboard` is on (and on the main process)."""
-    return [TensorBoardWriter(run_dir / "tensorboard")] if enabled else []
+    return [TensorBoardWriter(RunFolder(run_dir).tensorboard)] if enabled else []
 
 
 class StopSignal:
@@ -177,7 +183,7 @@ class StopSignal:
 
     def __init__(self, run_dir: Path | None = None, *, since: float | None = None):
         self._event = threading.Event()
-        self.stop_file = run_dir / STOP_FILE_NAME if run_dir is not None else None
+        self.stop_file = RunFolder(run_dir).stop if run_dir is not None else None
         self.external_check: Callable[[], bool] | None = None
         self.since = time.time() if since is None else since
         """When this run began: a STOP file written later is a request for it (a Cancel during start-up)."""

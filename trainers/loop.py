@@ -32,6 +32,9 @@ from .methods import Method, RunSummary, method_class
 from .models.loading import load_base_model
 from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
 from .plan import Plan, make_plan
+from .runfolder import (DONE_CONFIG, DONE_MODEL, DONE_SAMPLE_PREFIX, STOPPED, SUCCEEDED, CheckpointEvent, DoneEvent,
+                        ErrorEvent, PlanEvent, ProgressEvent, RunFolder, SampleEvent, SavedEvent, StatusEvent,
+                        ValidationEvent)
 from .sampling import SamplingInterrupted, generate_images, save_samples
 
 
@@ -109,7 +112,7 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
     stop = stop or StopSignal(plan.run_dir)
     if accelerator.is_main_process:
         _claim_run_dir(plan.run_dir, plan.cfg, resume, stop)
-        plan.cfg.save(plan.run_dir / "config.json")
+        plan.cfg.save(RunFolder(plan.run_dir).config)
     accelerator.wait_for_everyone()
     listeners = [*(callbacks or []), *tensorboard_listeners(
         plan.run_dir, plan.cfg.output.tensorboard and accelerator.is_main_process)]
@@ -117,28 +120,101 @@ def train(cfg: Config, *, resume: bool = False, callbacks: list | None = None, s
     try:
         return _train(plan, resume, events, stop, accelerator)
     except FinetuneError as exc:
-        events.emit("error", message=str(exc), where=exc.where)
+        events.emit(ErrorEvent(str(exc), exc.where))
         exc.reported = True
         raise
     except Exception as exc:
         if is_disk_full(exc):  # a write the io helpers do not wrap (torch.save of samples, logs...)
             full = DiskFullError(Path(exc.filename).parent if getattr(exc, "filename", None) else plan.run_dir)
-            events.emit("error", message=str(full), where=full.where)
+            events.emit(ErrorEvent(str(full), full.where))
             full.reported = True
             raise full from None
-        events.emit("error", message=f"{type(exc).__name__}: {exc}")
+        events.emit(ErrorEvent(f"{type(exc).__name__}: {exc}"))
         raise
     finally:
         events.close()
 
 
-def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, accelerator: Accelerator) -> TrainResult:
-    cfg, run_dir = plan.cfg, plan.run_dir
-    is_main = accelerator.is_main_process
-    events.emit("plan", **plan.summary())
+@dataclass
+class Training:
+    """What the loop's phases share: the run's parts, built once by `_prepare`, and where the run stands."""
 
-    # ---- model and method ------------------------------------------------------------------------------
+    plan: Plan
+    accelerator: Accelerator
+    events: EventLog
+    stop: StopSignal
+    base: Any
+    method: Method
+    optimizer: Any
+    lr_scheduler: Any
+    wrapped: dict[str, torch.nn.Module]
+    """The trained modules as accelerate prepared them."""
+    trainable: list[torch.Tensor]
+    generator: torch.Generator
+    state: LoopState = field(default_factory=LoopState)
+    last_checkpoint: Path | None = None
+    stream: Any = None
+    prior_stream: DataStream | None = None
+    summary: RunSummary | None = None
+    throughput: Throughput = field(default_factory=Throughput)
+
+    @property
+    def cfg(self) -> Config:
+        return self.plan.cfg
+
+    @property
+    def run(self) -> RunFolder:
+        return RunFolder(self.plan.run_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def resumables(self) -> Resumables:
+        return Resumables(self.optimizer, self.lr_scheduler, self.generator, scaler=self.accelerator.scaler)
+
+
+def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, accelerator: Accelerator) -> TrainResult:
+    events.emit(PlanEvent(plan.summary()))
+    t = _prepare(plan, events, stop, accelerator)
+    if resume:
+        _resume(t)
+    _open_streams(t)
+    t.throughput.tick()
+    while t.state.step < t.cfg.train.steps:
+        if _stop_requested(stop, accelerator):
+            return _stopped(t)
+        if _step(t):
+            with _eager(t.cfg):
+                _periodic(t)
+    return _finish(t)
+
+
+# ---- phases: before the first step ----------------------------------------------------------------------------
+def _prepare(plan: Plan, events: EventLog, stop: StopSignal, accelerator: Accelerator) -> Training:
+    """The base model, the method on it, the optimizer and scheduler, all placed and wrapped by accelerate."""
+    cfg = plan.cfg
     torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
+    base = _load_base(cfg, accelerator)
+    method = _setup_method(cfg, base)
+    plan = _prepare_data(plan, method, base)
+    groups = method.parameter_groups()
+    optimizer = make_optimizer(cfg, groups)
+    lr_scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=scheduler_warmup(cfg),
+                                 num_training_steps=cfg.train.steps)
+    wrapped = {name: accelerator.prepare(module) for name, module in method.trained_modules().items()}
+    method.wrap(wrapped)
+    if cfg.train.compile:
+        _compile_training_forward(cfg, method, base.unet)
+    optimizer = accelerator.prepare(optimizer)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + accelerator.process_index)
+    trainable = [p for group in groups for p in group["params"]]
+    return Training(plan, accelerator, events, stop, base, method, optimizer, lr_scheduler, wrapped, trainable,
+                    generator)
+
+
+def _load_base(cfg: Config, accelerator: Accelerator):
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(cfg.model, dtype=weight_dtype)
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype  # fp16 VAEs overflow (black images)
@@ -151,6 +227,10 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     if accelerator.device.type == "cuda":
         base.unet.to(memory_format=torch.channels_last)  # cuDNN's convolutions run NHWC: no layout copies each step
         torch.backends.cudnn.benchmark = True  # a few fixed shapes per run: measuring conv algorithms once pays
+    return base
+
+
+def _setup_method(cfg: Config, base) -> Method:
     method: Method = method_class(cfg.train.method)(cfg, base)
     method.setup()
     if cfg.train.gradient_checkpointing:
@@ -158,124 +238,198 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
         if method.trains_text_encoder:
             for te in base.text_encoders:
                 te.gradient_checkpointing_enable()
+    return method
+
+
+def _prepare_data(plan: Plan, method: Method, base) -> Plan:
+    """The datasets as the method reads them, and the batch preparer (with its latent and text caches)."""
+    cfg = plan.cfg
     if plan.dataset is not None:
         plan = dataclasses.replace(plan, dataset=method.prepare_dataset(plan.dataset), validation=(
             method.prepare_dataset(plan.validation) if plan.validation is not None else None))
     static_pixels = plan.dataset is not None and plan.dataset.pixels_are_static
     method.prep = BatchPreparer(base, cache_latents=cfg.train.cache_latents and static_pixels,
                                 cache_text=cfg.train.cache_text_embeddings and not method.trains_text_encoder)
+    return plan
 
-    groups = method.parameter_groups()
-    trainable = [p for g in groups for p in g["params"]]
-    optimizer = make_optimizer(cfg, groups)
-    lr_scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=scheduler_warmup(cfg),
-                                 num_training_steps=cfg.train.steps)
-    wrapped = {name: accelerator.prepare(module) for name, module in method.trained_modules().items()}
-    method.wrap(wrapped)
-    if cfg.train.compile:
-        _compile_training_forward(cfg, method, base.unet)
-    optimizer = accelerator.prepare(optimizer)
 
-    # ---- data ------------------------------------------------------------------------------------------
-    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + accelerator.process_index)
-    state = LoopState()
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    resumables = Resumables(optimizer, lr_scheduler, generator, scaler=accelerator.scaler)
-    if checkpoint is not None:
-        state, trainable_state, extra = load_checkpoint(checkpoint, resumables, rank=accelerator.process_index)
-        method.load_trainable_state(trainable_state)
-        method.load_extra_state(extra)
-        events.emit("status", message=f"resumed from {checkpoint.name}", step=state.step)
-    stream = method.data_stream(state.micro_step, generator)
-    if stream is None:
+def _resume(t: Training) -> None:
+    """Continue from the newest complete checkpoint, when there is one."""
+    checkpoint = latest_checkpoint(t.plan.run_dir)
+    if checkpoint is None:
+        return
+    t.state, trainable_state, extra = load_checkpoint(checkpoint, t.resumables, rank=t.accelerator.process_index)
+    t.method.load_trainable_state(trainable_state)
+    t.method.load_extra_state(extra)
+    t.last_checkpoint = checkpoint
+    t.events.emit(StatusEvent(f"resumed from {checkpoint.name}", t.state.step))
+
+
+def _open_streams(t: Training) -> None:
+    """The batches from the state's position on (the method's own, or the dataset's), and the class images."""
+    cfg, accelerator, plan = t.cfg, t.accelerator, t.plan
+    t.stream = t.method.data_stream(t.state.micro_step, t.generator)
+    if t.stream is None:
         sampler = BucketBatchSampler(plan.dataset, cfg.train.batch_size, seed=cfg.train.seed,
                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-        stream = DataStream(plan.dataset, sampler, state.micro_step)
+        t.stream = DataStream(plan.dataset, sampler, t.state.micro_step)
     with _eager(cfg):
-        prior_stream = _prior_stream(cfg, base, accelerator, events, state.micro_step, stop)
+        t.prior_stream = _prior_stream(cfg, t.base, accelerator, t.events, t.state.micro_step, t.stop)
     if accelerator.num_processes == 1:  # with several processes a stop is only agreed on between steps
-        method.should_stop = stop.requested
+        t.method.should_stop = t.stop.requested
+    t.summary = RunSummary(steps_done=t.state.step, num_images=plan.scan.num_images,
+                           tag_frequency=tag_frequency([item.caption for item in plan.scan.items]),
+                           started_at=time.time())
 
-    # ---- the loop --------------------------------------------------------------------------------------
-    summary = RunSummary(steps_done=state.step, num_images=plan.scan.num_images,
-                         tag_frequency=tag_frequency([item.caption for item in plan.scan.items]),
-                         started_at=time.time())
-    throughput = Throughput()
-    total, accum = cfg.train.steps, method.micro_steps_per_step()
-    loss_avg = state.loss_avg
-    last_checkpoint: Path | None = checkpoint
 
-    def checkpoint_now() -> Path | None:
-        nonlocal last_checkpoint
-        state.micro_step, state.loss_avg = stream.micro_step, loss_avg
-        last_checkpoint = save_checkpoint(run_dir, state, method, resumables, accelerator,
-                                          keep=cfg.output.keep_checkpoints)
-        events.emit("checkpoint", step=state.step, path=str(last_checkpoint))
-        return last_checkpoint
+# ---- phases: one step ----------------------------------------------------------------------------------------
+def _step(t: Training) -> bool:
+    """One optimizer step and its progress event; False when a stop interrupted it (nothing of it is kept)."""
+    t.method.train_mode(True)
+    start = _positions(t)
+    try:
+        step_loss, logs = _accumulate(t.method, t.stream, t.prior_stream, t.wrapped, t.method.micro_steps_per_step(),
+                                      t.accelerator, t.generator, compiled=t.cfg.train.compile)
+    except SamplingInterrupted:
+        # The stop came while the step was still sampling (DDPO): drop the partial step, stop after the last whole
+        # one (the loop checkpoints it next).
+        _rewind(t, start)
+        t.optimizer.zero_grad(set_to_none=True)
+        return False
+    _apply_gradients(t)
+    for upcoming in (t.stream, t.prior_stream):
+        if isinstance(upcoming, DataStream):
+            upcoming.prefetch()
+    # The step's one wait for the GPU, after all of it is queued. A non-finite loss has reached the weights in
+    # memory by now, but nothing after the last checkpoint is ever written.
+    step_loss, logs = float(step_loss), {k: float(v) for k, v in logs.items()}
+    _check_finite(t, step_loss)
+    _record_step(t, step_loss, logs)
+    return True
 
-    throughput.tick()
-    while state.step < total:
-        if _stop_requested(stop, accelerator):
-            checkpoint_now()
-            events.emit("done", status="stopped", step=state.step, checkpoint=str(last_checkpoint))
-            return TrainResult("stopped", run_dir, state.step, final_loss=loss_avg)
-        method.train_mode(True)
-        step_start = (stream.micro_step, prior_stream.micro_step if prior_stream is not None else 0)
-        try:
-            step_loss, logs = _accumulate(method, stream, prior_stream, wrapped, accum, accelerator, generator,
-                                          compiled=cfg.train.compile)
-        except SamplingInterrupted:
-            # The stop came while the step was still sampling (DDPO): drop the partial step, stop after the last
-            # whole one (the top of the loop checkpoints it).
-            stream.micro_step = step_start[0]
-            if prior_stream is not None:
-                prior_stream.micro_step = step_start[1]
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        if cfg.train.max_grad_norm > 0 and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_optimizer_step()
-        for upcoming in (stream, prior_stream):
-            if isinstance(upcoming, DataStream):
-                upcoming.prefetch()
-        # The step's one wait for the GPU, after all of it is queued. A non-finite loss has reached the weights in
-        # memory by now, but nothing after the last checkpoint is ever written.
-        step_loss, logs = float(step_loss), {k: float(v) for k, v in logs.items()}
-        if not math.isfinite(step_loss):
-            raise NonFiniteLoss(
-                f"the loss became {step_loss} at step {state.step + 1}; nothing after step {state.step} was saved "
-                f"(last good checkpoint: {last_checkpoint or 'none'})",
-                "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)", where="train")
-        state.step += 1
-        throughput.tick()
-        loss_avg = step_loss if state.step == 1 else 0.95 * loss_avg + 0.05 * step_loss
-        events.emit("progress", step=state.step, total=total, loss=step_loss, loss_avg=loss_avg,
-                    lr=lr_scheduler.get_last_lr()[0], lrs=lr_scheduler.get_last_lr(), it_s=throughput.rate(),
-                    eta_s=throughput.eta(total - state.step), **logs)
-        with _eager(cfg):
-            _periodic(cfg, state.step, total, method, base, plan, run_dir, events, checkpoint_now, summary, is_main,
-                      optimizer)
 
-    # ---- the result ------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    in_sync = _replicas_in_sync(trainable, accelerator)
-    checkpoint_now()
+def _positions(t: Training) -> tuple[int, int]:
+    return t.stream.micro_step, t.prior_stream.micro_step if t.prior_stream is not None else 0
+
+
+def _rewind(t: Training, positions: tuple[int, int]) -> None:
+    t.stream.micro_step = positions[0]
+    if t.prior_stream is not None:
+        t.prior_stream.micro_step = positions[1]
+
+
+def _apply_gradients(t: Training) -> None:
+    if t.cfg.train.max_grad_norm > 0 and t.accelerator.sync_gradients:
+        t.accelerator.clip_grad_norm_(t.trainable, t.cfg.train.max_grad_norm)
+    t.optimizer.step()
+    t.lr_scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.method.after_optimizer_step()
+
+
+def _check_finite(t: Training, step_loss: float) -> None:
+    if not math.isfinite(step_loss):
+        step = t.state.step
+        raise NonFiniteLoss(
+            f"the loss became {step_loss} at step {step + 1}; nothing after step {step} was saved "
+            f"(last good checkpoint: {t.last_checkpoint or 'none'})",
+            "lower train.learning_rate, or use train.mixed_precision bf16 or no (fp16 overflows)", where="train")
+
+
+def _record_step(t: Training, step_loss: float, logs: dict[str, float]) -> None:
+    state, total = t.state, t.cfg.train.steps
+    state.step += 1
+    t.throughput.tick()
+    state.loss_avg = step_loss if state.step == 1 else 0.95 * state.loss_avg + 0.05 * step_loss
+    lrs = t.lr_scheduler.get_last_lr()
+    t.events.emit(ProgressEvent(state.step, total, step_loss, state.loss_avg, lrs[0], lrs, t.throughput.rate(),
+                                t.throughput.eta(total - state.step), logs))
+
+
+# ---- phases: between steps and at the end ----------------------------------------------------------------------
+def _periodic(t: Training) -> None:
+    """What `output.*_every` asks for after this step: checkpoints on every process, the rest on the main one."""
+    out, step = t.cfg.output, t.state.step
+    last = step == t.cfg.train.steps
+    if out.checkpoint_every and step % out.checkpoint_every == 0 and not last:
+        _checkpoint(t)
+    if not t.is_main:
+        return
+    with evaluation_weights(t.optimizer):
+        _export_sample_validate(t, last)
+
+
+def _export_sample_validate(t: Training, last: bool) -> None:
+    """On the main process, with the weights samples and exports should see (schedule-free's averaged ones)."""
+    out, step = t.cfg.output, t.state.step
+    if out.save_every and step % out.save_every == 0 and not last:
+        _save_intermediate(t)
+    if out.sample_prompts and ((out.sample_every and step % out.sample_every == 0) or last):
+        _sample(t)
+    if t.plan.validation is not None and ((out.validation_every and step % out.validation_every == 0) or last):
+        t.method.train_mode(False)
+        t.events.emit(ValidationEvent(step, heldout_loss(t.method, t.plan.validation)))
+
+
+def _checkpoint(t: Training) -> None:
+    """Every process calls this: save_checkpoint waits for all of them."""
+    t.state.micro_step = t.stream.micro_step
+    t.last_checkpoint = save_checkpoint(t.plan.run_dir, t.state, t.method, t.resumables, t.accelerator,
+                                        keep=t.cfg.output.keep_checkpoints)
+    t.events.emit(CheckpointEvent(t.state.step, str(t.last_checkpoint)))
+
+
+def _save_intermediate(t: Training) -> None:
+    step, method = t.state.step, t.method
+    t.summary.steps_done, t.summary.finished_at = step, time.time()
+    path = method.export(t.run.intermediate / f"{t.cfg.output.name}_step{step:06d}{method.export_suffix}",
+                         t.summary, overwrite=True)
+    t.events.emit(SavedEvent(step, str(path), f"{method.name}-intermediate"))
+
+
+def _sample(t: Training) -> None:
+    out, cfg = t.cfg.output, t.cfg
+    t.method.train_mode(False)
+    try:
+        with t.method.sampling_context():
+            images = generate_images(t.base, list(out.sample_prompts), steps=out.sample_steps,
+                                     guidance=out.sample_guidance, seed=out.sample_seed, width=cfg.data.resolution,
+                                     height=cfg.data.resolution, should_stop=t.method.should_stop)
+    except SamplingInterrupted:
+        images = []  # a stop is waiting: the samples are skipped, the loop checkpoints next
+    if images:
+        t.events.emit(SampleEvent(t.state.step, [str(p) for p in save_samples(images, t.run, t.state.step)]))
+
+
+def _stopped(t: Training) -> TrainResult:
+    _checkpoint(t)
+    t.events.emit(DoneEvent(STOPPED, t.state.step, checkpoint=str(t.last_checkpoint)))
+    return TrainResult(STOPPED, t.plan.run_dir, t.state.step, final_loss=t.state.loss_avg)
+
+
+def _finish(t: Training) -> TrainResult:
+    """The last checkpoint on every process; the export, its event and the `done` event on the main one."""
+    t.accelerator.wait_for_everyone()
+    in_sync = _replicas_in_sync(t.trainable, t.accelerator)
+    _checkpoint(t)
     outputs: dict[str, str] = {}
-    if is_main:
-        summary.steps_done, summary.finished_at = state.step, time.time()
-        with evaluation_weights(optimizer):
-            path = method.export(export_path(cfg, run_dir, method), summary, overwrite=cfg.output.overwrite)
-        outputs["model"] = str(path)
-        outputs["config"] = str(run_dir / "config.json")
-        events.emit("saved", step=state.step, path=str(path), kind=method.name)
-        samples = sorted((run_dir / "samples").glob(f"step_{state.step:06d}_*.png"))
-        outputs.update({f"sample_{n}": str(p) for n, p in enumerate(samples)})
-        events.emit("done", status="succeeded", step=state.step, outputs=outputs,
-                    processes=accelerator.num_processes, replicas_in_sync=in_sync)
-    return TrainResult("succeeded", run_dir, state.step, outputs, final_loss=loss_avg)
+    if t.is_main:
+        outputs = _export(t)
+        t.events.emit(DoneEvent(SUCCEEDED, t.state.step, outputs=outputs, processes=t.accelerator.num_processes,
+                                replicas_in_sync=in_sync))
+    return TrainResult(SUCCEEDED, t.plan.run_dir, t.state.step, outputs, final_loss=t.state.loss_avg)
+
+
+def _export(t: Training) -> dict[str, str]:
+    step, run = t.state.step, t.run
+    t.summary.steps_done, t.summary.finished_at = step, time.time()
+    with evaluation_weights(t.optimizer):
+        path = t.method.export(export_path(t.cfg, t.plan.run_dir, t.method), t.summary,
+                               overwrite=t.cfg.output.overwrite)
+    t.events.emit(SavedEvent(step, str(path), t.method.name))
+    outputs = {DONE_MODEL: str(path), DONE_CONFIG: str(run.config)}
+    outputs.update({f"{DONE_SAMPLE_PREFIX}{n}": str(p) for n, p in enumerate(run.samples_at(step))})
+    return outputs
 
 
 def _compile_training_forward(cfg: Config, method: Method, unet: torch.nn.Module) -> None:
@@ -323,41 +477,6 @@ def export_path(cfg: Config, run_dir: Path, method: Method) -> Path:
     return Path(cfg.output.export_path) if cfg.output.export_path else run_dir / f"{cfg.output.name}{method.export_suffix}"
 
 
-def _periodic(cfg, step, total, method, base, plan: Plan, run_dir, events, checkpoint_now, summary, is_main,
-              optimizer) -> None:
-    out = cfg.output
-    last = step == total
-    if out.checkpoint_every and step % out.checkpoint_every == 0 and not last:
-        checkpoint_now()
-    if not is_main:
-        return
-    with evaluation_weights(optimizer):
-        _export_sample_validate(cfg, step, last, method, base, plan, run_dir, events, summary)
-
-
-def _export_sample_validate(cfg, step, last, method, base, plan: Plan, run_dir, events, summary) -> None:
-    out = cfg.output
-    if out.save_every and step % out.save_every == 0 and not last:
-        summary.steps_done, summary.finished_at = step, time.time()
-        path = method.export(run_dir / "intermediate" / f"{out.name}_step{step:06d}{method.export_suffix}",
-                             summary, overwrite=True)
-        events.emit("saved", step=step, path=str(path), kind=f"{method.name}-intermediate")
-    if out.sample_prompts and ((out.sample_every and step % out.sample_every == 0) or last):
-        method.train_mode(False)
-        try:
-            with method.sampling_context():
-                images = generate_images(base, list(out.sample_prompts), steps=out.sample_steps,
-                                         guidance=out.sample_guidance, seed=out.sample_seed, width=cfg.data.resolution,
-                                         height=cfg.data.resolution, should_stop=method.should_stop)
-        except SamplingInterrupted:
-            images = []  # a stop is waiting: the samples are skipped, the loop checkpoints next
-        if images:
-            events.emit("sample", step=step, paths=[str(p) for p in save_samples(images, run_dir / "samples", step)])
-    if plan.validation is not None and ((out.validation_every and step % out.validation_every == 0) or last):
-        method.train_mode(False)
-        events.emit("validation", step=step, loss=heldout_loss(method, plan.validation))
-
-
 def _prior_stream(cfg, base, accelerator, events, micro_step: int, stop: StopSignal) -> DataStream | None:
     """Class images for prior preservation; None without it, or when a stop came while they were generated (the
     stop is then honoured at the top of the loop, and the images made so far are kept for the resumed run)."""
@@ -370,7 +489,7 @@ def _prior_stream(cfg, base, accelerator, events, micro_step: int, stop: StopSig
     if accelerator.is_main_process:
         try:
             ensure_class_images(cfg, base, cache_root, should_stop=stop.requested, on_progress=lambda done, total:
-                                events.emit("status", message=f"generating class images {done}/{total}", step=0))
+                                events.emit(StatusEvent(f"generating class images {done}/{total}", 0)))
         except SamplingInterrupted:
             interrupted = True
     accelerator.wait_for_everyone()
@@ -406,7 +525,8 @@ def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
 
 
 def _claim_run_dir(run_dir: Path, cfg: Config, resume: bool, stop: StopSignal) -> None:
-    exists = (run_dir / "config.json").exists()
+    run = RunFolder(run_dir)
+    exists = run.config.exists()
     if exists and not resume and not cfg.output.overwrite:
         raise FinetuneError("a run with this name already exists",
                             "pass --resume to continue it, choose another output.name, or set output.overwrite",
@@ -414,4 +534,4 @@ def _claim_run_dir(run_dir: Path, cfg: Config, resume: bool, stop: StopSignal) -
     run_dir.mkdir(parents=True, exist_ok=True)
     stop.clear_stale()
     if not resume:
-        (run_dir / "events.jsonl").unlink(missing_ok=True)
+        run.events.unlink(missing_ok=True)

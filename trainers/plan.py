@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from .config import METHODS_WITHOUT_IMAGES, Config, fill_template, learning_rate_origin
 from .data.dataset import DatasetScan, TrainingDataset, scan_dataset
 from .errors import ModelError
+from .runfolder import read_safetensors_header
 
 
 @dataclass
@@ -111,13 +111,11 @@ def _model_size(base: str) -> int | None:
         return sum(f.stat().st_size for f in path.rglob("*.safetensors")) or None
     if path.suffix.lower() == ".safetensors":
         try:
-            with open(path, "rb") as f:
-                header_len = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(header_len))
+            header = read_safetensors_header(path)
             # a header is a JSON object of {"data_offsets": [begin, end], ...} entries
             return sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0])
                        for k, v in header.items() if k != "__metadata__")
-        except (OSError, struct.error, ValueError, MemoryError, AttributeError, KeyError, IndexError, TypeError):
+        except (OSError, ValueError, MemoryError, AttributeError, KeyError, IndexError, TypeError):
             raise ModelError("the file is not a readable .safetensors file (truncated or corrupt?)",
                              "download it again or pick another checkpoint", where=str(path)) from None
     return path.stat().st_size

@@ -10,6 +10,7 @@ from PIL import Image
 
 from .io import atomic_path
 from .models.loading import BaseModel, build_pipeline
+from .runfolder import RunFolder
 
 
 class SamplingInterrupted(Exception):
@@ -52,5 +53,5 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return path
 
 
-def save_samples(images: list[Image.Image], folder: Path, step: int) -> list[Path]:
-    return [save_png(image, folder / f"step_{step:06d}_{n}.png") for n, image in enumerate(images)]
+def save_samples(images: list[Image.Image], run: RunFolder, step: int) -> list[Path]:
+    return [save_png(image, run.sample(step, n)) for n, image in enumerate(images)]

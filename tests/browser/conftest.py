@@ -3,13 +3,13 @@ The browser itself, and the skip when Chromium or playwright is missing, come fr
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.comfy.training import sample_images_in
+
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_IMAGES = REPO / "assets" / "sample_images"
 SCREENSHOTS = REPO / "output" / "browser-screenshots"
 """Inside the git-ignored output/ folder: artifacts for a person (or CI) to look at."""
 
@@ -23,8 +23,4 @@ def screenshots() -> Path:
 @pytest.fixture(scope="session")
 def training_images(comfy_server) -> str:
     """Four captioned sample images in a subfolder of the server's input folder; returns its name."""
-    folder = comfy_server.input_dir / "browser_robots"
-    folder.mkdir(exist_ok=True)
-    for image in sorted(SAMPLE_IMAGES.glob("robot_0[1-4].*")):
-        shutil.copy(image, folder / image.name)
-    return folder.name
+    return sample_images_in(comfy_server.input_dir, "browser_robots").name

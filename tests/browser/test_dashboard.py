@@ -17,9 +17,9 @@ from tests.browser.dashboard_page import (EXTENSION_NAME, TAB_BUTTON, add_node_f
                                           clear_graph, dismiss_banner, errors_from_us, node_types, open_sidebar,
                                           queue, run_card, save_screenshot, wait_for_widget)
 from tests.comfy.browser import APP_READY, READY_TIMEOUT_MS
+from tests.comfy.training import TINY_RUN
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
-TINY_RUN = '[output]\nsample_steps = 2\ntensorboard = false\n[train]\nwarmup_steps = 0\n'
 START_TIMEOUT_S = 300  # loading the base model in the trainer process, on a busy 2-core machine
 STOP_TIMEOUT_S = 180  # the trainer saves a checkpoint before it stops
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from tests.comfy.training import TINY_RUN
+
 SIDE = 64
-TINY_RUN = "[output]\ntensorboard = false\n[train]\nwarmup_steps = 0\n"
 
 
 def with_defaults(comfy, class_type: str, **inputs) -> dict:

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tests.comfy.client import assert_clear_node_error
+from tests.comfy.training import TINY_RUN
 
 SIDE = 64
-TINY_RUN = "[output]\ntensorboard = false\n[train]\nwarmup_steps = 0\n"
 PREFIX = "finetune_test_"
 CLIP, HEAD, NOT_A_MODEL, NOT_A_HEAD = (f"{PREFIX}{name}" for name in ("clip", "aesthetic.pth", "broken",
                                                                       "junk.pth"))

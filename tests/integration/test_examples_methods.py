@@ -5,7 +5,6 @@ counts, sizes, learning rates high enough for a few steps to show, and no sample
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from pathlib import Path
 
@@ -14,12 +13,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.comfy.client import image_paths
+from tests.comfy.training import SAMPLE_IMAGES, TINY_RUN, sample_images_in
 from tests.comfy.workflow import to_api_graph
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
-SAMPLE_IMAGES = REPO / "assets" / "sample_images"
-TINY_RUN = "[output]\ntensorboard = false\nsample_steps = 2\n[train]\nwarmup_steps = 0\n"
 SIDE = 64
 
 
@@ -44,14 +42,6 @@ def tiny(graph: dict, checkpoint: str) -> dict:
     return graph
 
 
-def photos_in(comfy_server, folder: str) -> Path:
-    target = comfy_server.input_dir / folder
-    target.mkdir(exist_ok=True)
-    for image in sorted(SAMPLE_IMAGES.glob("robot_0[1-4].*")):
-        shutil.copy(image, target / image.name)
-    return target
-
-
 def saved(result, comfy_server) -> dict[str, np.ndarray]:
     """The Save Image pictures by file-name prefix (e.g. "ti_with_embedding")."""
     return {path.name.rsplit("_", 2)[0]: np.asarray(Image.open(path), dtype=np.int16)
@@ -68,7 +58,7 @@ def test_example_4_textual_inversion_embedding_changes_the_conditioning(comfy, c
                                                                         tiny_checkpoint):
     name = f"example_4_{uuid.uuid4().hex[:8]}"
     graph = tiny(example_graph(comfy, "04_textual_inversion.json"), tiny_checkpoint)
-    swap(graph, "FinetuneLoadTrainingImages", path=str(photos_in(comfy_server, "example_concept")), resolution=SIDE)
+    swap(graph, "FinetuneLoadTrainingImages", path=str(sample_images_in(comfy_server.input_dir, "example_concept")), resolution=SIDE)
     [train] = swap(graph, "FinetuneTrainTextualInversion", base_checkpoint=tiny_checkpoint, steps=2,
                    learning_rate=5e-2, name=name, sample_prompts="", advanced=TINY_RUN)
     embedding = comfyui_dir / "models" / "embeddings" / f"{name}.safetensors"
@@ -89,7 +79,7 @@ def test_example_4_textual_inversion_embedding_changes_the_conditioning(comfy, c
 def test_example_5_trained_controlnet_steers_generation(comfy, comfy_server, comfyui_dir, tiny_checkpoint):
     name = f"example_5_{uuid.uuid4().hex[:8]}"
     graph = tiny(example_graph(comfy, "05_controlnet_train_and_use.json"), tiny_checkpoint)
-    swap(graph, "FinetuneLoadTrainingImages", path=str(photos_in(comfy_server, "example_controlnet")),
+    swap(graph, "FinetuneLoadTrainingImages", path=str(sample_images_in(comfy_server.input_dir, "example_controlnet")),
          resolution=SIDE)
     swap(graph, "FinetuneTrainControlNet", base_checkpoint=tiny_checkpoint, steps=3, learning_rate=1e-2, name=name,
          advanced=TINY_RUN)

@@ -8,7 +8,6 @@ rate high enough for a few steps to change the images, and no sample images wher
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -17,23 +16,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.comfy.training import TINY_RUN, sample_images_in
 from tests.comfy.workflow import to_api_graph
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
-SAMPLE_IMAGES = REPO / "assets" / "sample_images"
-TINY_RUN = "[output]\nsample_steps = 2\ntensorboard = false\n[train]\nwarmup_steps = 0\n"
 TINY_DREAMBOOTH = TINY_RUN + "[dreambooth]\nnum_class_images = 2\nclass_generation_steps = 2\n"
 
 
 @pytest.fixture(scope="module")
 def photos(comfy_server) -> Path:
     """Four uncaptioned sample images in the server's input folder (the caption node captions them)."""
-    folder = comfy_server.input_dir / "example_photos"
-    folder.mkdir(exist_ok=True)
-    for image in sorted(SAMPLE_IMAGES.glob("robot_*.png"))[:4]:
-        shutil.copy(image, folder / image.name)
-    return folder
+    return sample_images_in(comfy_server.input_dir, "example_photos", captions=False)
 
 
 def example_graph(comfy, name: str) -> dict:

@@ -4,15 +4,14 @@ trained LoRA gets the next free one and those files stay byte for byte as they w
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from pathlib import Path
 
 import requests
 from safetensors import safe_open
 
-SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "assets" / "sample_images"
-TINY_RUN = "[output]\ntensorboard = false\nsample_steps = 2\n[train]\nwarmup_steps = 0\n"
+from tests.comfy.training import TINY_RUN, sample_images_in
+
 
 
 def lora_graph(folder: Path, checkpoint: str, name: str) -> dict:
@@ -27,10 +26,7 @@ def lora_graph(folder: Path, checkpoint: str, name: str) -> dict:
 
 
 def test_a_lora_of_the_same_name_is_never_overwritten(comfy, comfy_server, comfyui_dir, tiny_checkpoint):
-    folder = comfy_server.input_dir / "unique_names"
-    folder.mkdir(exist_ok=True)
-    for image in sorted(SAMPLE_IMAGES.glob("robot_0[1-2].*")):
-        shutil.copy(image, folder / image.name)
+    folder = sample_images_in(comfy_server.input_dir, "unique_names", count=2)
     name = f"taken_{uuid.uuid4().hex[:8]}"
     loras = comfyui_dir / "models" / "loras"
     theirs = {loras / f"{name}.safetensors": b"someone's LoRA, not ours",

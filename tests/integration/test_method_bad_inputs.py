@@ -4,16 +4,14 @@ execution error that names the input and the fix, before any step is trained, an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.comfy.client import PromptRejected, assert_clear_node_error
+from tests.comfy.training import TINY_RUN, sample_images_in
 
-SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "assets" / "sample_images"
-TINY_RUN = "[output]\ntensorboard = false\nsample_steps = 2\n[train]\nwarmup_steps = 0\n"
 MISSING_CHECKPOINT = ({"base_checkpoint": "no_such_model.safetensors"},
                       ["`base_checkpoint`", "no_such_model.safetensors", "models/checkpoints"])
 
@@ -22,10 +20,7 @@ MISSING_CHECKPOINT = ({"base_checkpoint": "no_such_model.safetensors"},
 def concept(comfy_server) -> Path:
     """Four captioned sample images in the server's input folder, with a folder of control maps of another shape
     and an empty one beside them."""
-    folder = comfy_server.input_dir / "method_concept"
-    folder.mkdir(exist_ok=True)
-    for image in sorted(SAMPLE_IMAGES.glob("robot_0[1-4].*")):
-        shutil.copy(image, folder / image.name)
+    folder = sample_images_in(comfy_server.input_dir, "method_concept")
     (comfy_server.input_dir / "empty_maps").mkdir(exist_ok=True)
     wide = comfy_server.input_dir / "wide_maps"
     wide.mkdir(exist_ok=True)

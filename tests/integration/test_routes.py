@@ -8,13 +8,11 @@ import hashlib
 import http.client
 import os
 import stat
-import importlib
 import json
 import shutil
 import subprocess
 import sys
 import time
-import types
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,12 +20,11 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE_IMAGES = REPO / "assets" / "sample_images"
+from tests.comfy.training import SAMPLE_IMAGES, TINY_RUN, sample_images_in
+
 PNG = (SAMPLE_IMAGES / "robot_01.png").read_bytes()
 SECRET = b"\x89PNG\r\n\x1a\n secret outside every run folder"
 STEPS = 16
-TINY_RUN = '[output]\nsample_steps = 2\ntensorboard = false\n[train]\nwarmup_steps = 0\n'
 OUR_PAGE = {"X-Finetune-Request": "1", "Content-Type": "application/json"}
 """What the pack's page sends with a request that changes something (tests/integration/test_route_senders.py
 checks that requests without it are refused)."""
@@ -36,17 +33,6 @@ checks that requests without it are refused)."""
 @pytest.fixture(autouse=True)
 def as_our_page(comfy):
     comfy.http.headers.update(OUR_PAGE)
-
-
-@pytest.fixture(scope="module")
-def runs():
-    """`nodes/runs.py` as ComfyUI imports it (inside the pack), without `nodes/__init__.py`, which needs ComfyUI."""
-    for name, folder in (("finetune_pack", REPO), ("finetune_pack.nodes", REPO / "nodes")):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [str(folder)]
-            sys.modules[name] = package
-    return importlib.import_module("finetune_pack.nodes.runs")
 
 
 @pytest.fixture
@@ -371,11 +357,7 @@ def test_hostile_lora_names_are_refused(comfy_server, lora_of_ours, name):
 @pytest.fixture(scope="module")
 def robots(comfy_server) -> str:
     """Four captioned sample images in a subfolder of the server's input folder; returns its name."""
-    folder = comfy_server.input_dir / "route_robots"
-    folder.mkdir(exist_ok=True)
-    for image in sorted(SAMPLE_IMAGES.glob("robot_0[1-4].*")):
-        shutil.copy(image, folder / image.name)
-    return folder.name
+    return sample_images_in(comfy_server.input_dir, "route_robots").name
 
 
 def training_graph(checkpoint: str, folder: str, name: str, steps: int) -> dict:

@@ -14,20 +14,14 @@ import pytest
 from PIL import Image
 
 from tests.comfy.client import ComfyClient, image_paths
+from tests.comfy.training import SAMPLE_IMAGES, TINY_RUN, sample_images_in
 
-SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "assets" / "sample_images"
-TINY_RUN = '[output]\nsample_steps = 2\ntensorboard = false\n[train]\nwarmup_steps = 0\n'
 
 
 @pytest.fixture(scope="module")
 def robots(comfy_server) -> str:
     """Four captioned sample images in a subfolder of the server's input folder; returns the subfolder's name."""
-    folder = comfy_server.input_dir / "robots"
-    folder.mkdir(exist_ok=True)
-    for image in sorted(SAMPLE_IMAGES.glob("robot_0[1-4].png")):
-        shutil.copy(image, folder / image.name)
-        if image.with_suffix(".txt").exists():
-            shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    folder = sample_images_in(comfy_server.input_dir, "robots")
     return folder.name
 
 

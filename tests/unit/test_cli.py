@@ -6,15 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 from safetensors import safe_open
 
-from train_helpers import TWO_CPU_PROCESSES, make_images, run_python, tiny_config
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("cli") / "images")
+from train_helpers import TWO_CPU_PROCESSES, run_python, tiny_config
 
 
 def run_cli(args: list[str], tmp_path: Path, *, launcher: list[str] | None = None, extra_env=None):

@@ -21,11 +21,6 @@ from method_helpers import rebuilt_method
 from train_helpers import make_images, tiny_config
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("data") / "images")
-
-
 def controlnet_config(tmp_path, images, **sections):
     sections["train"] = {"method": "controlnet", "learning_rate": 1e-2, "warmup_steps": 0, **sections.get("train", {})}
     return tiny_config(tmp_path, images, **sections)

@@ -19,11 +19,6 @@ from method_helpers import rebuilt_method
 from train_helpers import make_images, tiny_config
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("data") / "images")
-
-
 def ti_config(tmp_path, images, **sections):
     sections["train"] = {"method": "textual_inversion", "learning_rate": 5e-2, "warmup_steps": 0,
                          **sections.get("train", {})}

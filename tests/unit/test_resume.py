@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 from accelerate import PartialState
 from safetensors.torch import load_file
@@ -14,14 +13,9 @@ from safetensors.torch import load_file
 from trainers.checkpointing import LoopState, Resumables, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainers.loop import train
 
-from train_helpers import TWO_CPU_PROCESSES, make_images, read_events, run_python, stop_then_resume, tiny_config
+from train_helpers import TWO_CPU_PROCESSES, read_events, run_python, stop_then_resume, tiny_config
 
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("resume") / "images")
 
 
 def progress_losses(run_dir: Path) -> list[float]:

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import hashlib
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def runs():
-    """`nodes/runs.py` imported as ComfyUI imports it, inside the pack (it imports the trainer relatively), without
-    running `nodes/__init__.py`, which needs ComfyUI: the record store itself does not."""
-    for name, folder in (("finetune_pack", REPO), ("finetune_pack.nodes", REPO / "nodes")):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [str(folder)]
-            sys.modules[name] = package
-    return importlib.import_module("finetune_pack.nodes.runs")
+from trainers.runfolder import CHECKPOINT_STATE_FILE, RunFolder
 
 
 def make_record(runs, run_id="portrait_0a1b2c3d", **fields):
@@ -121,7 +107,9 @@ def test_a_run_left_running_by_a_restart_is_settled_from_its_events(runs, tmp_pa
     store.save(make_record(runs, "stale_1", status="running", started=10.0, pid=_dead_pid()))
     write_events(tmp_path / "stale_1", events)
     if checkpoint:
-        (tmp_path / "stale_1" / "checkpoints" / "step_000003").mkdir(parents=True)
+        complete = RunFolder(tmp_path / "stale_1").checkpoint(3)
+        complete.mkdir(parents=True)
+        (complete / CHECKPOINT_STATE_FILE).write_text("{}")
     record = store.get("stale_1")
     assert record.status == status and error in record.error
     assert record.finished is not None and record.pid == 0

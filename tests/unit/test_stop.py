@@ -15,7 +15,7 @@ from trainers.events import StopSignal
 from trainers.loop import train
 
 from test_method_ddpo import ddpo_config
-from train_helpers import make_images, read_events, tiny_config
+from train_helpers import read_events, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,11 +36,6 @@ class StopAfterArming(StopSignal):
             return False
         self.asked += 1
         return self.asked >= self.nth
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("data") / "images")
 
 
 def test_a_stop_during_class_image_generation_ends_the_run_and_the_resume_continues_it(tmp_path, images):

@@ -12,12 +12,7 @@ from safetensors import safe_open
 from trainers.errors import ConfigError, DataError, ModelError, NonFiniteLoss
 from trainers.loop import train
 
-from train_helpers import make_images, read_events, stop_then_resume, tiny_config
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("data") / "images")
+from train_helpers import read_events, stop_then_resume, tiny_config
 
 
 def test_lora_run_exports_kohya_file_with_config_and_events(tmp_path, images):

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..io import atomic_path, refuse_existing
 from ..models.families import FAMILIES
+from ..runfolder import family_from_metadata
 
 UNET_PREFIX = "lora_unet"
 
@@ -103,7 +104,7 @@ def lora_algorithm(state: dict[str, torch.Tensor]) -> str:
 
 def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """"sd1", "sd2" or "sdxl": what the metadata says, else what the keys and shapes show; None if neither tells."""
-    return _family_from_metadata(metadata) or _family_from_keys(state)
+    return family_from_metadata(metadata) or _family_from_keys(state)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -133,23 +134,9 @@ def _lycoris_weights(layer, adapter_name: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-_ARCHITECTURE_FAMILIES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
-_BASE_VERSION_FAMILIES = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
 # A text encoder's hidden width (SDXL's first encoder is SD1's CLIP-L, so only its second one tells).
 _TEXT_WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 _DOWN = r"\.(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$"
-
-
-def _family_from_metadata(metadata: dict[str, str]) -> str | None:
-    architecture = metadata.get("modelspec.architecture", "")
-    for start, family in _ARCHITECTURE_FAMILIES:
-        if architecture.startswith(start):
-            return family
-    version = metadata.get("ss_base_model_version", "")
-    for start, family in _BASE_VERSION_FAMILIES:
-        if version.startswith(start):
-            return family
-    return None
 
 
 def _family_from_keys(state: dict[str, torch.Tensor]) -> str | None:
