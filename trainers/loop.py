@@ -19,7 +19,6 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
-from .batches import BatchPreparer
 from .checkpointing import LoopState, Resumables, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data.captions import tag_frequency
@@ -28,7 +27,8 @@ from .errors import ConfigError, DiskFullError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
 from .events import EventLog, StopSignal, Throughput, tensorboard_listeners
 from .io import is_disk_full
-from .methods import Method, RunSummary, method_class
+from .methods import Method, RunSummary
+from .model_setup import setup_method
 from .models.loading import load_base_model
 from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
 from .plan import Plan, make_plan
@@ -141,29 +141,11 @@ def _train(plan: Plan, resume: bool, events: EventLog, stop: StopSignal, acceler
     torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(cfg.model, dtype=weight_dtype)
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype  # fp16 VAEs overflow (black images)
-    base.vae.to(accelerator.device)
-    if base.vae.dtype != vae_dtype:
-        base.vae.to(dtype=vae_dtype)
-    base.unet.to(accelerator.device)
-    for te in base.text_encoders:
-        te.to(accelerator.device)
-    if accelerator.device.type == "cuda":
-        base.unet.to(memory_format=torch.channels_last)  # cuDNN's convolutions run NHWC: no layout copies each step
-        torch.backends.cudnn.benchmark = True  # a few fixed shapes per run: measuring conv algorithms once pays
-    method: Method = method_class(cfg.train.method)(cfg, base)
-    method.setup()
-    if cfg.train.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder:
-            for te in base.text_encoders:
-                te.gradient_checkpointing_enable()
+    static_pixels = plan.dataset is not None and plan.dataset.pixels_are_static
+    method = setup_method(cfg, base, accelerator.device, weight_dtype, static_pixels=static_pixels)
     if plan.dataset is not None:
         plan = dataclasses.replace(plan, dataset=method.prepare_dataset(plan.dataset), validation=(
             method.prepare_dataset(plan.validation) if plan.validation is not None else None))
-    static_pixels = plan.dataset is not None and plan.dataset.pixels_are_static
-    method.prep = BatchPreparer(base, cache_latents=cfg.train.cache_latents and static_pixels,
-                                cache_text=cfg.train.cache_text_embeddings and not method.trains_text_encoder)
 
     groups = method.parameter_groups()
     trainable = [p for g in groups for p in g["params"]]

@@ -1,0 +1,109 @@
+"""The memory estimate against the instrument, the levers, and the planner's picks."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from train_helpers import REPO, make_images, tiny_config
+
+sys.path.insert(0, str(REPO / "bench"))
+from harness.memtrack import measure_training_peak  # noqa: E402
+
+from trainers.adapters import add_unet_lora, lora_parameters  # noqa: E402
+from trainers.config import LoraConfig  # noqa: E402
+from trainers.memory import (GIB, LEVERS, ModelShape, Setup, estimate_bytes, known_shape, plan_levers,  # noqa: E402
+                             slowdown, with_margin)
+from trainers.models.loading import load_base_model  # noqa: E402
+
+
+def _tiny_base(cfg):
+    return load_base_model(cfg.model, dtype=torch.float32)
+
+
+def _levers_cfg(cfg, levers: set[str], batch: int, resolution: int):
+    train = dataclasses.replace(cfg.train, batch_size=batch, mixed_precision="no", optimizer="adamw",
+                                gradient_checkpointing="gradient_checkpointing" in levers,
+                                offload_encoders="on" if "offload_encoders" in levers else "off",
+                                fp8_base="on" if "fp8_base" in levers else "off")
+    return dataclasses.replace(cfg, train=train, data=dataclasses.replace(cfg.data, resolution=resolution))
+
+
+def _peak(cfg, levers=frozenset(), batch=1, resolution=64) -> int:
+    cfg = _levers_cfg(cfg, set(levers), batch, resolution)
+    return measure_training_peak(cfg, _tiny_base(cfg), device="cpu").peak_bytes
+
+
+def _tiny_shape(cfg) -> ModelShape:
+    """The tiny model's parameters counted, its activations fitted by the instrument at batch 1 and 2 (64 px)."""
+    base = _tiny_base(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    add_unet_lora(base.unet, LoraConfig(rank=1, alpha=1))
+    lora = sum(p.numel() for p in lora_parameters(base.unet))
+    shape = ModelShape("tiny", count(base.unet) - lora, sum(count(t) for t in base.text_encoders), count(base.vae),
+                       {"attention": lora}, {"lora-nogc": (0.0, 0.0), "lora-gc": (0.0, 0.0)})
+    activations = {}
+    for gc in (False, True):
+        levers = {"gradient_checkpointing"} if gc else set()
+        residual = []
+        for batch in (1, 2):
+            static = estimate_bytes(shape, _setup(cfg, batch, 64), levers)
+            residual.append(_peak(cfg, levers, batch) - (static["total"] - static["activations"]))
+        per_pixel = (residual[1] - residual[0]) / 8**2
+        activations[f"lora-{'gc' if gc else 'nogc'}"] = (residual[0] - per_pixel * 8**2, per_pixel)
+    return dataclasses.replace(shape, activations=activations)
+
+
+def _setup(cfg, batch, resolution) -> Setup:
+    return Setup("lora", batch, resolution, 4, cfg.lora.rank, cfg.lora.targets)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("memory")
+    cfg = tiny_config(tmp, make_images(tmp / "images"))
+    return cfg, _tiny_shape(cfg)
+
+
+@pytest.mark.parametrize("levers,batch,resolution", [
+    ((), 4, 64), ((), 2, 96), (("gradient_checkpointing",), 4, 64), (("offload_encoders",), 2, 64),
+    (("fp8_base",), 2, 64), (("fp8_base", "offload_encoders", "gradient_checkpointing"), 3, 96)])
+def test_estimate_is_within_ten_percent_of_the_instrument(tiny, levers, batch, resolution):
+    cfg, shape = tiny
+    measured = _peak(cfg, set(levers), batch, resolution)
+    estimate = estimate_bytes(shape, _setup(cfg, batch, resolution), set(levers))["total"]
+    assert abs(estimate / measured - 1) <= 0.10, (estimate, measured)
+
+
+@pytest.mark.parametrize("lever", ["offload_encoders", "fp8_base", "gradient_checkpointing"])
+def test_each_lever_lowers_the_peak_of_a_real_cpu_step(tiny, lever):
+    cfg, _ = tiny
+    assert _peak(cfg, {lever}, batch=2) < _peak(cfg, set(), batch=2)
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+@pytest.mark.parametrize("budget_gb", [4, 6, 8, 12, 16, 24, 80])
+def test_auto_picks_the_fastest_combination_that_fits(model, budget_gb):
+    shape, setup = known_shape(model), Setup("lora", 1, 512 if model == "sd15" else 1024, 2)
+    budget = budget_gb * GIB
+    try:
+        plan = plan_levers(shape, setup, mode="auto", forced_on=set(), forced_off=set(),
+                           available={"adamw8bit"}, budget=budget, budget_source="test")
+    except Exception as exc:  # nothing fits: then no combination may fit
+        assert all(with_margin(e) > budget for _, e, _ in _all(shape, setup)), exc
+        return
+    assert with_margin(plan.estimate_bytes) <= budget
+    faster = [c for c, e, s in _all(shape, setup) if s < slowdown(plan.levers) and with_margin(e) <= budget]
+    assert not faster
+
+
+def _all(shape, setup):
+    import itertools
+
+    names = [n for n in LEVERS if n != "fused_backward"]
+    for n in range(len(names) + 1):
+        for combo in itertools.combinations(names, n):
+            yield combo, estimate_bytes(shape, setup, set(combo))["total"], slowdown(combo)
