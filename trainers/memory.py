@@ -112,6 +112,8 @@ _PARAMS = {  # UNet, text encoders, VAE; LoRA parameters at rank 1 by targets (c
 ACTIVATIONS: dict[str, dict[str, tuple[float, float]]] = {
     "sd15": {"lora-nogc": (-7015713, 284688.4), "lora-gc": (-13458164, 67108.9),
              "full-nogc": (-117999827, 107741.2), "full-gc": (155804339, 19660.8)},
+    "sd21v": {"lora-nogc": (-7723022, 273678.3), "lora-gc": (-13091731, 56856.1),
+              "full-nogc": (-1784467105, 306999.8), "full-gc": (-38562900, 43224.6)},
 }
 """Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16): (fixed bytes, bytes per latent
 pixel per sample) by method kind and gradient checkpointing."""
