@@ -166,14 +166,16 @@ def fit() -> int:
     (instrument minus the estimate's parameter terms) at batch 1 and 2 gives a fixed part and a part per pixel."""
     import dataclasses
 
-    from trainers.memory import Setup, estimate_bytes, known_shape
+    from trainers.memory import Setup, activation_key, estimate_bytes, known_shape
 
     no_activations = {f"{k}-{g}": (0.0, 0.0) for k in ("lora", "full") for g in ("gc", "nogc")}
+    no_activations.update({f"lora-{g}-fp8": (0.0, 0.0) for g in ("gc", "nogc")})
     for name in MODELS:
         entries = {}
         for method in ("lora", "full"):
-            for gc in (False, True):
-                levers = ("gradient_checkpointing",) if gc else ()
+            for levers in ((), ("gradient_checkpointing",), ("fp8_base",), ("fp8_base", "gradient_checkpointing")):
+                if method == "full" and "fp8_base" in levers:
+                    continue
                 residual = []
                 for batch in (1, 2):
                     row = measure_row(name, method, batch, levers)
@@ -183,8 +185,8 @@ def fit() -> int:
                     residual.append(row["instrument_gb"] * 2**30 - (static["total"] - static["activations"]))
                 side = MODELS[name][1] // 8
                 per_pixel = (residual[1] - residual[0]) / side**2
-                entries[f"{method}-{'gc' if gc else 'nogc'}"] = (round(residual[0] - per_pixel * side**2),
-                                                                  round(per_pixel, 1))
+                entries[activation_key(method == "full", set(levers))] = (round(residual[0] - per_pixel * side**2),
+                                                                           round(per_pixel, 1))
         print(f"{name}: {entries}", flush=True)
     return 0
 

@@ -72,8 +72,7 @@ class _Fp8Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight8, scale, bias, conv: tuple | None):
-        weight = _upcast(weight8, scale, x.dtype if not torch.is_autocast_enabled(x.device.type) else
-                         torch.get_autocast_dtype(x.device.type))
+        weight = _upcast(weight8, scale, _compute_dtype(x))
         ctx.save_for_backward(weight8, scale)
         ctx.conv, ctx.input_shape, ctx.input_dtype = conv, x.shape, x.dtype
         x = x.to(weight.dtype)
@@ -90,6 +89,13 @@ class _Fp8Layer(torch.autograd.Function):
             stride, padding, dilation, groups = ctx.conv
             grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, stride, padding, dilation, groups)
         return grad_x.to(ctx.input_dtype), None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    if kind in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 def _upcast(weight8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

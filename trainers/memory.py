@@ -43,7 +43,8 @@ class ModelShape:
     lora_params_per_rank: dict[str, int]
     """LoRA parameters at rank 1, by `lora.targets`."""
     activations: dict[str, tuple[float, float]]
-    """By "<lora|full>-<gc|nogc>": (fixed bytes, bytes per latent pixel per sample), at 16-bit activations."""
+    """By `activation_key` ("lora-gc", "lora-nogc-fp8", ...): (fixed bytes, bytes per latent pixel per sample), at
+    16-bit activations."""
 
     def scaled(self, unet_params: int, text_params: int, vae_params: int) -> "ModelShape":
         """The same family with another UNet size: LoRA and activations in proportion (a rough guess)."""
@@ -78,6 +79,17 @@ class Setup:
                    cfg.full.train_text_encoder if full else cfg.lora.train_text_encoder and t.method == "lora")
 
 
+def activation_key(full: bool, levers: frozenset[str] | set[str]) -> str:
+    """fp8 layers save less for backward than a plain convolution (no input): their own entry."""
+    key = f"{'full' if full else 'lora'}-{'gc' if 'gradient_checkpointing' in levers else 'nogc'}"
+    return key + "-fp8" if "fp8_base" in levers and not full else key
+
+
+def activation_entry(shape: ModelShape, full: bool, levers: frozenset[str] | set[str]) -> tuple[float, float]:
+    key = activation_key(full, levers)
+    return shape.activations.get(key) or shape.activations[key.removesuffix("-fp8")]
+
+
 def estimate_bytes(shape: ModelShape, setup: Setup, levers: frozenset[str] | set[str] = frozenset()) -> dict[str, float]:
     """Peak device bytes of a steady training step, by part; "total" is their sum."""
     full = setup.method == "full"
@@ -90,7 +102,7 @@ def estimate_bytes(shape: ModelShape, setup: Setup, levers: frozenset[str] | set
                 + shape.vae_params * setup.weight_bytes) if encoders_on_device else 0
     optimizer = trained * (2 if "adamw8bit" in levers else 8) + (trained * 4 if setup.ema else 0)
     grads = 0 if "fused_backward" in levers else trained * 4
-    fixed, per_pixel = shape.activations[f"{'full' if full else 'lora'}-{'gc' if 'gradient_checkpointing' in levers else 'nogc'}"]
+    fixed, per_pixel = activation_entry(shape, full, levers)
     passes = 2 if setup.prior_preservation else 1
     pixels = (setup.resolution // 8) ** 2 * setup.batch * passes
     activations = (fixed + per_pixel * pixels) * setup.weight_bytes / 2
@@ -114,6 +126,8 @@ ACTIVATIONS: dict[str, dict[str, tuple[float, float]]] = {
              "full-nogc": (-117999827, 107741.2), "full-gc": (155804339, 19660.8)},
     "sd21v": {"lora-nogc": (-7723022, 273678.3), "lora-gc": (-13091731, 56856.1),
               "full-nogc": (-1784467105, 306999.8), "full-gc": (-38562900, 43224.6)},
+    "sdxl": {"lora-nogc": (-53991349, 473694.2), "lora-gc": (-91572313, 43974.7),
+             "full-nogc": (-5827336964, 532676.6), "full-gc": (-91408140, 25231.4)},
 }
 """Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16): (fixed bytes, bytes per latent
 pixel per sample) by method kind and gradient checkpointing."""
