@@ -122,10 +122,11 @@ _PARAMS = {  # UNet, text encoders, VAE; LoRA parameters at rank 1 by targets (c
              {"attention": 1451520, "attention_ff": 2616320, "all_linear": 2695360, "all": 3074240}),
 }
 ACTIVATIONS: dict[str, dict[str, tuple[float, float]]] = {
-    "sd15": {"lora-nogc": (-7015713, 284688.4), "lora-gc": (-13458164, 67108.9),
-             "full-nogc": (-117999827, 107741.2), "full-gc": (155804339, 19660.8)},
-    "sd21v": {"lora-nogc": (-7723022, 273678.3), "lora-gc": (-13091731, 56856.1),
-              "full-nogc": (-1784467105, 306999.8), "full-gc": (-38562900, 43224.6)},
+    "sd15": {"lora-nogc": (-7015713, 284688.4), "lora-gc": (-13458164, 67108.9), "lora-nogc-fp8": (-5414466, 249823.2),
+             "lora-gc-fp8": (166384226, 31981.6), "full-nogc": (-117999827, 107741.2), "full-gc": (155804339, 19660.8)},
+    "sd21v": {"lora-nogc": (-7723022, 273678.3), "lora-gc": (-13091731, 56856.1), "lora-nogc-fp8": (-6174467, 248745.5),
+              "lora-gc-fp8": (-11543176, 53593.9), "full-nogc": (-1784467105, 306999.8),
+              "full-gc": (-38562900, 43224.6)},
     "sdxl": {"lora-nogc": (-53991349, 473694.2), "lora-gc": (-91572313, 43974.7),
              "full-nogc": (-5827336964, 532676.6), "full-gc": (-91408140, 25231.4)},
 }

@@ -124,3 +124,41 @@ def _all(shape, setup):
     for n in range(len(names) + 1):
         for combo in itertools.combinations(names, n):
             yield combo, estimate_bytes(shape, setup, set(combo))["total"], slowdown(combo)
+
+
+def test_fused_backward_steps_during_backward_and_frees_each_gradient():
+    from trainers.levers import FusedBackwardOptimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    joint = torch.optim.AdamW(models[0].parameters(), lr=0.1)
+    fused = FusedBackwardOptimizer([{"params": list(models[1].parameters()), "lr": 0.1}],
+                                   lambda groups: torch.optim.AdamW(groups))
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        models[0](x).square().sum().backward()
+        joint.step()
+        joint.zero_grad()
+        models[1](x).square().sum().backward()
+        assert all(p.grad is None for p in models[1].parameters())
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_backward_trains_the_same_weights_as_the_joint_step(tmp_path):
+    """Per-parameter AdamW steps during backward are the joint AdamW step (no clipping, no accumulation)."""
+    from trainers.loop import train
+
+    images = make_images(tmp_path / "images")
+    weights = {}
+    for fused in ("off", "on"):
+        cfg = tiny_config(tmp_path / fused, images, steps=3, train={"method": "full", "max_grad_norm": 0.0,
+                                                                    "fused_backward": fused, "learning_rate": 1e-4},
+                          full={"ema": False})
+        result = train(cfg)
+        from safetensors.torch import load_file
+        weights[fused] = load_file(next(result.run_dir.glob("checkpoints/step_*/trainable.safetensors")))
+    assert weights["on"].keys() == weights["off"].keys()
+    for key, value in weights["off"].items():
+        torch.testing.assert_close(weights["on"][key], value, rtol=1e-5, atol=1e-6)
