@@ -249,8 +249,8 @@ class TrainConfig:
     `memory` turn it on when nothing faster fits."""
     memory: Literal["auto", "max_speed", "lowest"] = "auto"
     """How the memory levers below are chosen when left at auto: auto = the fastest combination whose estimate fits
-    the GPU's free memory (or `memory_budget_gb`), max_speed = none of them, lowest = all of them. A lever set to
-    on or off is never changed."""
+    the GPU's free memory (or `memory_budget_gb`), max_speed = none of them, lowest = the combination with the lowest
+    estimate. A lever set to on or off (or gradient_checkpointing true) is never changed."""
     memory_budget_gb: float = 0.0
     """Device memory the run may use, in GiB; 0 = the free memory of the training GPU when training starts (on a
     CPU nothing is checked)."""

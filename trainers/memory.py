@@ -185,9 +185,12 @@ class MemoryPlan:
     """Every combination considered: (levers, estimate bytes, slowdown)."""
 
     def summary(self) -> dict[str, Any]:
+        budget = None if self.budget_bytes is None else round(self.budget_bytes / GIB, 2)
+        text = (f"memory ({self.mode}): {', '.join(self.levers) or 'no levers'}; estimate "
+                f"{self.estimate_bytes / GIB:.1f} GiB" + (f" of {budget:.1f} GiB ({self.budget_source})"
+                                                           if budget is not None else ""))
         return {"mode": self.mode, "levers": list(self.levers), "estimate_gb": round(self.estimate_bytes / GIB, 2),
-                "budget_gb": None if self.budget_bytes is None else round(self.budget_bytes / GIB, 2),
-                "budget_from": self.budget_source}
+                "budget_gb": budget, "budget_from": self.budget_source, "text": text}
 
 
 def applicable_levers(setup: Setup, available: set[str]) -> list[str]:

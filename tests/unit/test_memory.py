@@ -162,3 +162,25 @@ def test_fused_backward_trains_the_same_weights_as_the_joint_step(tmp_path):
     assert weights["on"].keys() == weights["off"].keys()
     for key, value in weights["off"].items():
         torch.testing.assert_close(weights["on"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_plan_decides_every_auto_lever_and_a_budget_too_small_fails_before_weights_load(tmp_path, monkeypatch):
+    from tiny_models import tiny_single_file
+
+    import trainers.loop as loop
+    from trainers.errors import ConfigError
+    from trainers.plan import make_plan
+
+    monkeypatch.setattr(loop, "load_base_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    images = make_images(tmp_path / "images")
+    base = {"base": str(tiny_single_file())}
+    plan = make_plan(tiny_config(tmp_path, images, model=base, train={"memory": "lowest"}))
+    assert plan.memory.estimate_bytes == min(estimate for _, estimate, _ in plan.memory.candidates)
+    assert len(plan.memory.candidates) == 2 ** 3  # checkpointing, parked encoders, fp8 (no 8-bit Adam on a CPU)
+    t = plan.cfg.train
+    assert {t.offload_encoders, t.fp8_base} <= {"on", "off"} and t.optimizer == "adamw"
+    assert plan.summary()["memory_plan"]["text"].startswith("memory (lowest)")
+    kept = make_plan(tiny_config(tmp_path, images, model=base, train={"memory": "lowest", "fp8_base": "off"}))
+    assert kept.cfg.train.fp8_base == "off"  # an explicit setting wins
+    with pytest.raises(ConfigError, match="needs about .* GiB even with every memory lever"):
+        loop.train(tiny_config(tmp_path, images, model=base, train={"memory_budget_gb": 0.001}))
