@@ -127,8 +127,8 @@ ACTIVATIONS: dict[str, dict[str, tuple[float, float]]] = {
     "sd21v": {"lora-nogc": (-7723022, 273678.3), "lora-gc": (-13091731, 56856.1), "lora-nogc-fp8": (-6174467, 248745.5),
               "lora-gc-fp8": (-11543176, 53593.9), "full-nogc": (-1784467105, 306999.8),
               "full-gc": (-38562900, 43224.6)},
-    "sdxl": {"lora-nogc": (-53991349, 473694.2), "lora-gc": (-91572313, 43974.7),
-             "full-nogc": (-5827336964, 532676.6), "full-gc": (-91408140, 25231.4)},
+    "sdxl": {"lora-nogc": (-53991349, 473694.2), "lora-gc": (-91572313, 43974.7), "lora-nogc-fp8": (-44180690, 451936.3),
+             "lora-gc-fp8": (-87130363, 41418.8), "full-nogc": (-5827336964, 532676.6), "full-gc": (-91408140, 25231.4)},
 }
 """Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16): (fixed bytes, bytes per latent
 pixel per sample) by method kind and gradient checkpointing."""
