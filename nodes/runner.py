@@ -283,6 +283,9 @@ class TrainerProcess:
             return
         if kind == PlanEvent.EVENT:
             self.record.steps, self.record.dataset_size = int(event.get("steps", 0)), int(event.get("images", 0))
+            memory = event.get("memory_plan") or {}
+            if show_progress and memory.get("text"):
+                self._progress_text(memory["text"])
         elif kind == SampleEvent.EVENT:
             self._on_sample(event, show_progress)
             return

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .diffusion import encode_latents
+from .levers import encoders_on_device
 from .models.families import PromptEmbeds
 from .models.loading import BaseModel
 
@@ -28,14 +29,16 @@ class BatchPreparer:
     def latents(self, batch: dict[str, Any], *, namespace: str = "train") -> torch.Tensor:
         """`namespace` keeps instance and class (prior) images apart in the cache."""
         if not self.cache_latents:
-            return encode_latents(self.base.vae, batch["pixels"])
+            with encoders_on_device(self.base):
+                return encode_latents(self.base.vae, batch["pixels"])
         keys = [(namespace, int(i), bool(f)) for i, f in zip(batch["item"], batch["flipped"])]
         missing = [n for n, key in enumerate(keys) if key not in self._latents]
         if missing:
-            fresh = encode_latents(self.base.vae, batch["pixels"][missing])
+            with encoders_on_device(self.base):
+                fresh = encode_latents(self.base.vae, batch["pixels"][missing])
             for n, latent in zip(missing, fresh):
                 self._latents[keys[n]] = latent
-        device = next(self.base.vae.parameters()).device
+        device = next(self.base.unet.parameters()).device  # the VAE's may be parked in CPU memory
         return torch.stack([self._latents[key].to(device) for key in keys])
 
     def prompt_embeds(self, captions: list[str], *, grad: bool = False) -> PromptEmbeds:
@@ -43,11 +46,11 @@ class BatchPreparer:
         if grad:
             return family.encode_prompts(self.text_encoders, tokenizers, list(captions))
         if not self.cache_text:
-            with torch.no_grad():
+            with torch.no_grad(), encoders_on_device(self.base):
                 return family.encode_prompts(self.text_encoders, tokenizers, list(captions))
         missing = list(dict.fromkeys(c for c in captions if c not in self._embeds))
         if missing:
-            with torch.no_grad():
+            with torch.no_grad(), encoders_on_device(self.base):
                 fresh = family.encode_prompts(self.text_encoders, tokenizers, missing)
             for n, caption in enumerate(missing):
                 self._embeds[caption] = fresh[n : n + 1]

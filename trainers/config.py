@@ -245,7 +245,24 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on the CPU. Trained LoRA weights stay fp32."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: much less memory, ~30% slower."""
+    """Recompute activations in the backward pass: much less memory, ~30% slower. true forces it; false lets
+    `memory` turn it on when nothing faster fits."""
+    memory: Literal["auto", "max_speed", "lowest"] = "auto"
+    """How the memory levers below are chosen when left at auto: auto = the fastest combination whose estimate fits
+    the GPU's free memory (or `memory_budget_gb`), max_speed = none of them, lowest = the combination with the lowest
+    estimate. A lever set to on or off (or gradient_checkpointing true) is never changed."""
+    memory_budget_gb: float = 0.0
+    """Device memory the run may use, in GiB; 0 = the free memory of the training GPU when training starts (on a
+    CPU nothing is checked)."""
+    offload_encoders: Literal["auto", "on", "off"] = "auto"
+    """Keep the VAE and text encoders in CPU memory; they visit the GPU only to encode (until latents and captions
+    are cached) and for sample images. Not with a trained text encoder."""
+    fp8_base: Literal["auto", "on", "off"] = "auto"
+    """Store the frozen UNet's linear and convolution weights in float8 (one scale per output channel), upcast layer
+    by layer for compute: half the UNet's memory in bf16. LoRA methods only; LoRA weights stay fp32."""
+    fused_backward: Literal["auto", "on", "off"] = "auto"
+    """Full fine-tunes: step the optimizer for each weight as soon as its gradient is ready and free the gradient,
+    so all gradients never exist at once. Needs gradient_accumulation 1 and max_grad_norm 0 (no global clipping)."""
     compile: bool = False
     """torch.compile the UNet's training forward: a minute or more of compiling at the start, then faster steps on a
     GPU (sample images use the uncompiled UNet)."""
@@ -366,6 +383,9 @@ class Config:
         validate(self)
 
 
+FP8_METHODS = ("lora", "ddpo")
+"""Methods whose UNet is frozen under a trained adapter: its weights may be stored in fp8."""
+
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "lora": 1e-4,
     "full": 2e-6,
@@ -469,6 +489,13 @@ def validate(cfg: Config) -> None:
     _check(t.optimizer != "schedulefree_adamw" or t.lr_scheduler in ("constant", "constant_with_warmup"),
            "train.lr_scheduler", f"schedulefree_adamw replaces the learning-rate schedule, got {t.lr_scheduler}",
            "use constant_with_warmup (the warmup is the optimizer's own), or another optimizer")
+    _check(math.isfinite(t.memory_budget_gb) and t.memory_budget_gb >= 0, "train.memory_budget_gb",
+           f"must not be negative, got {t.memory_budget_gb}", "use e.g. 12, or 0 for the GPU's free memory")
+    _check(t.fp8_base != "on" or t.method in FP8_METHODS, "train.fp8_base",
+           f"fp8 base weights are for the frozen UNet of LoRA methods, not {t.method}", "set fp8_base off or auto")
+    _check(t.fused_backward != "on" or (t.method == "full" and t.gradient_accumulation == 1 and t.max_grad_norm == 0),
+           "train.fused_backward", "fused_backward steps each weight during backward: it needs method full, "
+           "gradient_accumulation 1 and max_grad_norm 0", "set fused_backward off or auto, or change those settings")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", f"must not be negative, got {t.max_grad_norm}", "use 1.0, or 0 to disable")
     _check(t.min_snr_gamma >= 0, "train.min_snr_gamma", f"must not be negative, got {t.min_snr_gamma}", "use 5, or 0 to disable")
     _check(0.0 <= t.noise_offset <= 1.0, "train.noise_offset", f"must be in [0, 1], got {t.noise_offset}", "use e.g. 0.05")

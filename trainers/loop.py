@@ -19,7 +19,6 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
-from .batches import BatchPreparer
 from .checkpointing import LoopState, Resumables, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data.captions import tag_frequency
@@ -28,7 +27,8 @@ from .errors import ConfigError, DiskFullError, FinetuneError, NonFiniteLoss
 from .evaluate import heldout_loss
 from .events import EventLog, StopSignal, Throughput, tensorboard_listeners
 from .io import is_disk_full
-from .methods import Method, RunSummary, method_class
+from .methods import Method, RunSummary
+from .model_setup import setup_method
 from .models.loading import load_base_model
 from .optimizers import evaluation_weights, make_optimizer, scheduler_name, scheduler_warmup
 from .plan import Plan, make_plan
@@ -196,9 +196,8 @@ def _prepare(plan: Plan, events: EventLog, stop: StopSignal, accelerator: Accele
     """The base model, the method on it, the optimizer and scheduler, all placed and wrapped by accelerate."""
     cfg = plan.cfg
     torch.manual_seed(cfg.train.seed)  # identical adapter initialisation on every process
-    base = _load_base(cfg, accelerator)
-    method = _setup_method(cfg, base)
-    plan = _prepare_data(plan, method, base)
+    method, plan = _load_method(plan, accelerator)
+    base = method.base
     groups = method.parameter_groups()
     optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=scheduler_warmup(cfg),
@@ -214,43 +213,17 @@ def _prepare(plan: Plan, events: EventLog, stop: StopSignal, accelerator: Accele
                     generator)
 
 
-def _load_base(cfg: Config, accelerator: Accelerator):
+def _load_method(plan: Plan, accelerator: Accelerator) -> tuple[Method, Plan]:
+    """The base model and the method on it, placed on the device (`model_setup`), and the datasets it reads."""
+    cfg = plan.cfg
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base_model(cfg.model, dtype=weight_dtype)
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype  # fp16 VAEs overflow (black images)
-    base.vae.to(accelerator.device)
-    if base.vae.dtype != vae_dtype:
-        base.vae.to(dtype=vae_dtype)
-    base.unet.to(accelerator.device)
-    for te in base.text_encoders:
-        te.to(accelerator.device)
-    if accelerator.device.type == "cuda":
-        base.unet.to(memory_format=torch.channels_last)  # cuDNN's convolutions run NHWC: no layout copies each step
-        torch.backends.cudnn.benchmark = True  # a few fixed shapes per run: measuring conv algorithms once pays
-    return base
-
-
-def _setup_method(cfg: Config, base) -> Method:
-    method: Method = method_class(cfg.train.method)(cfg, base)
-    method.setup()
-    if cfg.train.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder:
-            for te in base.text_encoders:
-                te.gradient_checkpointing_enable()
-    return method
-
-
-def _prepare_data(plan: Plan, method: Method, base) -> Plan:
-    """The datasets as the method reads them, and the batch preparer (with its latent and text caches)."""
-    cfg = plan.cfg
-    if plan.dataset is not None:
+    static_pixels = plan.dataset is not None and plan.dataset.pixels_are_static
+    method = setup_method(cfg, base, accelerator.device, weight_dtype, static_pixels=static_pixels)
+    if plan.dataset is not None:  # the datasets as the method reads them
         plan = dataclasses.replace(plan, dataset=method.prepare_dataset(plan.dataset), validation=(
             method.prepare_dataset(plan.validation) if plan.validation is not None else None))
-    static_pixels = plan.dataset is not None and plan.dataset.pixels_are_static
-    method.prep = BatchPreparer(base, cache_latents=cfg.train.cache_latents and static_pixels,
-                                cache_text=cfg.train.cache_text_embeddings and not method.trains_text_encoder)
-    return plan
+    return method, plan
 
 
 def _resume(t: Training) -> None:

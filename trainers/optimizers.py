@@ -22,6 +22,14 @@ PACKAGES = {"prodigy": ("prodigyopt", "prodigyopt>=1.1"), "schedulefree_adamw": 
 
 
 def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if cfg.train.fused_backward == "on":
+        from .levers import FusedBackwardOptimizer
+
+        return FusedBackwardOptimizer(groups, lambda group: _plain_optimizer(cfg, group))
+    return _plain_optimizer(cfg, groups)
+
+
+def _plain_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     train = cfg.train
     name = train.optimizer
     package = check_available(name)

@@ -15,6 +15,7 @@ from typing import Any
 from .config import METHODS_WITHOUT_IMAGES, Config, fill_template, learning_rate_origin
 from .data.dataset import DatasetScan, TrainingDataset, scan_dataset
 from .errors import ModelError
+from .memory import GIB, MemoryPlan, free_gpu_memory, plan_for_config, shape_of_file
 from .runfolder import read_safetensors_header
 
 
@@ -30,6 +31,8 @@ class Plan:
     model_bytes: int | None
     learning_rate_origin: str = "set"
     """"set" (by the user), or whose default the learning rate is ("prodigy's default", "lora's default")."""
+    memory: MemoryPlan | None = None
+    """The memory levers picked for this run and the estimate behind them (None: model shape unknown)."""
 
     def buckets(self) -> dict[str, int]:
         if self.dataset is None:
@@ -38,19 +41,11 @@ class Plan:
         return {f"{w}x{h}": n for (w, h), n in sorted(counts.items())}
 
     def estimated_memory_gb(self) -> float | None:
-        """Weights in their training precision + optimizer state for what is trained, + a rough activation term."""
-        if self.model_bytes is None:
+        """Peak device memory of a training step with the planned levers (`memory.estimate_bytes`); None for a model
+        whose shape is not known before it loads (a hub id, a diffusers folder)."""
+        if self.memory is None:
             return None
-        t = self.cfg.train
-        weights = self.model_bytes * (2 if t.mixed_precision in ("bf16", "fp16") else 1)
-        if t.method == "full":
-            trained = self.model_bytes * 0.35 * 2  # the UNet's share of a checkpoint, in fp32
-            optimizer = trained * 3 + (trained if self.cfg.full.ema else 0)
-        else:
-            trained = optimizer = self.model_bytes * 0.01
-        pixels = self.cfg.data.resolution ** 2 * t.batch_size
-        activations = pixels * 2_000 * (0.3 if t.gradient_checkpointing else 1.0)
-        return round((weights + trained + optimizer + activations) / 2**30, 2)
+        return round(self.memory.estimate_bytes / GIB, 2)
 
     def summary(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -68,6 +63,7 @@ class Plan:
             "learning_rate": t.learning_rate,
             "learning_rate_from": self.learning_rate_origin,
             "estimated_memory_gb": self.estimated_memory_gb(),
+            "memory_plan": self.memory.summary() if self.memory is not None else None,
             "run_dir": str(self.run_dir),
         }
         info["text"] = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in info.items())
@@ -86,6 +82,7 @@ def make_plan(cfg: Config) -> Plan:
     origin = learning_rate_origin(cfg)
     scan = DatasetScan([]) if cfg.train.method in METHODS_WITHOUT_IMAGES else scan_dataset(cfg.data, seed=cfg.train.seed)
     cfg = cfg.resolve_defaults(scan.num_images)
+    cfg, memory = _plan_memory(cfg)
     dataset = TrainingDataset(scan.items, cfg.data, seed=cfg.train.seed) if scan.items else None
     validation = None
     if scan.validation_items:
@@ -93,7 +90,17 @@ def make_plan(cfg: Config) -> Plan:
         validation = TrainingDataset([dataclasses.replace(i, repeats=1) for i in scan.validation_items], eval_data,
                                      seed=cfg.train.seed)
     run_dir = Path(cfg.output.dir) / cfg.output.name
-    return Plan(cfg, scan, dataset, validation, run_dir, model_bytes, origin)
+    return Plan(cfg, scan, dataset, validation, run_dir, model_bytes, origin, memory)
+
+
+def _plan_memory(cfg: Config) -> tuple[Config, MemoryPlan | None]:
+    """Decide the memory levers left at auto: before any weights load, so a run that cannot fit fails at once."""
+    shape = shape_of_file(Path(cfg.model.base).expanduser())
+    budget, source = None, "none"
+    if cfg.train.memory_budget_gb <= 0 and cfg.train.memory == "auto" and shape is not None:
+        budget = free_gpu_memory()
+        source = "free GPU memory" if budget is not None else "none"
+    return plan_for_config(cfg, shape, budget=budget, budget_source=source)
 
 
 def _model_size(base: str) -> int | None:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .io import atomic_path
+from .levers import encoders_on_device
 from .models.loading import BaseModel, build_pipeline
 from .runfolder import RunFolder
 
@@ -23,6 +24,13 @@ def generate_images(base: BaseModel, prompts: list[str], *, steps: int, guidance
                     should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
     """One image per prompt. `should_stop` is asked after every denoising step: when it says yes the pipeline
     ends early and SamplingInterrupted is raised, so a stop never waits for a whole batch of samples."""
+    with encoders_on_device(base):
+        return _generate(base, prompts, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
+                         negative_prompt=negative_prompt, should_stop=should_stop)
+
+
+def _generate(base: BaseModel, prompts: list[str], *, steps: int, guidance: float, seed: int, width: int, height: int,
+              negative_prompt: str, should_stop: Callable[[], bool] | None) -> list[Image.Image]:
     pipeline = build_pipeline(base)
     pipeline.set_progress_bar_config(disable=True)
     device = base.unet.device

@@ -56,6 +56,8 @@ class BaseModel:
     zero_terminal_snr: bool = False
     """The noise schedule is rescaled to zero terminal SNR (a v-prediction model marked `ztsnr`, as NoobAI-XL v-pred
     is): trained and exported that way."""
+    encoders_parked: bool = False
+    """The VAE and text encoders wait in CPU memory and visit the UNet's device only to encode (`levers`)."""
 
 
 def load_base_model(model_cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> BaseModel:

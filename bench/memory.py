@@ -1,0 +1,195 @@
+"""Peak device memory of training, measured without a GPU, beside the planner's estimate and the goals.
+
+    python bench/memory.py [--models sd15,sd21v,sdxl] [--batches 1,4,8] [--methods lora,dreambooth,full]
+                           [--levers none,gc,encoders,fp8,all] [--fit]
+
+Each row builds the full-size random-weight model on the meta device from the shipped configs and runs two
+training steps through the loop's own setup (`trainers.model_setup.setup_method`), optimizer and the method's loss
+under the memory instrument (`harness/memtrack.py`: MemTracker, CUDA-like autocast, flash-attention layout).
+bf16, LoRA rank 16 on attention, AdamW (8-bit where the lever says so). With CUDA, `measured` is the same step's
+`torch.cuda.max_memory_allocated` on the GPU. `--fit` measures batch 1 and 2 of each model and prints the
+activation table for `trainers/memory.py` (the estimate is never fitted to the H100 check points).
+Writes bench/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from harness import RESULTS
+from harness.memtrack import measure_training_peak
+from harness.report import save_results, table
+
+MODELS = {"sd15": ("sd1", 512), "sd21v": ("sd2v", 768), "sdxl": ("sdxl", 1024)}
+LEVER_SETS = {"none": (), "gc": ("gradient_checkpointing",), "encoders": ("offload_encoders",),
+              "fp8": ("fp8_base",), "8bit": ("adamw8bit",), "fused": ("fused_backward",),
+              "all": ("gradient_checkpointing", "offload_encoders", "fp8_base", "adamw8bit", "fused_backward")}
+H100_CHECKS = {("sd15", "lora", 1): 4.0, ("sd15", "lora", 8): 10.8, ("sdxl", "lora", 1): 14.3,
+               ("sdxl", "lora", 8): 64.9}
+"""GiB, H100, eager, bf16, rank 16, no gradient checkpointing: a check, never fitted to."""
+GOALS = {("sd15", "lora", 1, "lowest"): ("<= 3 GiB", 3.0), ("sdxl", "lora", 1, "no offload"): ("<= 8 GiB", 8.0),
+         ("sdxl", "full", 1, "lowest"): ("fits 24 GB", 24e9 / 2**30)}
+
+
+def row_config(name: str, method: str, batch: int, levers: tuple[str, ...]):
+    from trainers.config import Config
+
+    _, resolution = MODELS[name]
+    has = set(levers)
+    full = method == "full"
+    return Config.from_dict({
+        "model": {"base": f"random-{name}"}, "data": {"folder": "-", "resolution": resolution, "class_noun": "dog"},
+        "train": {"method": "full" if full else "lora", "batch_size": batch, "mixed_precision": "bf16",
+                  "gradient_checkpointing": "gradient_checkpointing" in has,
+                  "optimizer": "adamw8bit" if "adamw8bit" in has else "adamw",
+                  "offload_encoders": "on" if "offload_encoders" in has else "off",
+                  "fp8_base": "on" if "fp8_base" in has and not full else "off",
+                  "fused_backward": "on" if "fused_backward" in has and full else "off",
+                  "max_grad_norm": 0.0 if full and "fused_backward" in has else 1.0},
+        "lora": {"rank": 16, "alpha": 16.0},
+        "dreambooth": {"enabled": method == "dreambooth"},
+        "full": {"ema": False},
+    })
+
+
+def measure_row(name: str, method: str, batch: int, levers: tuple[str, ...]) -> dict:
+    from gpu_speed import build_random_base
+
+    from trainers.memory import Setup, estimate_bytes, known_shape
+
+    cfg = row_config(name, method, batch, levers)
+    family, resolution = MODELS[name]
+    started = time.perf_counter()
+    base = build_random_base(family, tiny=False, dtype=torch.bfloat16, device="meta")
+    instrument = _with_8bit_stand_in(cfg, lambda: measure_training_peak(cfg, base, device="meta"))
+    active = _active_levers(cfg)
+    shape = known_shape(name)
+    estimate = estimate_bytes(shape, Setup.from_config(cfg), active)["total"] if shape.activations else float("nan")
+    return {"model": name, "resolution": resolution, "batch": batch, "method": method, "levers": sorted(active),
+            "gradient_checkpointing": cfg.train.gradient_checkpointing, "offload": False,
+            "estimate_gb": round(estimate / 2**30, 3), "instrument_gb": round(instrument.peak_bytes / 2**30, 3),
+            "measured_gb": None, "trainable_params": instrument.trainable_params,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _active_levers(cfg) -> set[str]:
+    t = cfg.train
+    active = {name for name in ("offload_encoders", "fp8_base", "fused_backward") if getattr(t, name) == "on"}
+    if t.gradient_checkpointing:
+        active.add("gradient_checkpointing")
+    if t.optimizer == "adamw8bit":
+        active.add("adamw8bit")
+    return active
+
+
+def _with_8bit_stand_in(cfg, run):
+    """bitsandbytes' 8-bit Adam needs CUDA: on the meta device a stand-in holds its state (two uint8 tensors per
+    parameter, as bitsandbytes keeps, plus its small per-block scales, left out)."""
+    if cfg.train.optimizer != "adamw8bit" or torch.cuda.is_available():
+        return run()
+    import harness.memtrack as memtrack
+
+    original = memtrack.make_optimizer
+    memtrack.make_optimizer = lambda cfg_, groups: _Adam8bitStandIn(groups)
+    try:
+        return run()
+    finally:
+        memtrack.make_optimizer = original
+
+
+class _Adam8bitStandIn(torch.optim.Optimizer):
+    def __init__(self, groups):
+        super().__init__(groups, {"lr": 1e-4})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["m"] = torch.zeros_like(p, dtype=torch.uint8)
+                    state["v"] = torch.zeros_like(p, dtype=torch.uint8)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sd15,sd21v,sdxl")
+    parser.add_argument("--batches", default="1,4,8")
+    parser.add_argument("--methods", default="lora,dreambooth,full")
+    parser.add_argument("--levers", default="none,gc,all")
+    parser.add_argument("--fit", action="store_true")
+    args = parser.parse_args()
+    if args.fit:
+        return fit()
+    rows = []
+    for name in args.models.split(","):
+        for method in args.methods.split(","):
+            for lever_set in args.levers.split(","):
+                for batch in map(int, args.batches.split(",")):
+                    row = measure_row(name, method, batch, LEVER_SETS[lever_set])
+                    rows.append(row)
+                    print(_line(row), flush=True)
+    print(table(["model", "px", "batch", "method", "levers", "estimate GiB", "instrument GiB", "deviation", "H100 GiB",
+                 "vs H100", "goal"], [_cells(r) for r in rows]))
+    save_results(RESULTS / "memory.json", {"rows": rows})
+    worst = max(abs(r["estimate_gb"] / r["instrument_gb"] - 1) for r in rows)
+    print(f"largest estimate deviation: {worst:.1%} (goal: within 10%)")
+    return 0
+
+
+def _line(row: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in row.items())
+
+
+def _cells(row: dict) -> list[str]:
+    check = H100_CHECKS.get((row["model"], row["method"], row["batch"])) if not row["levers"] else None
+    goal = ""
+    if row["batch"] == 1 and set(row["levers"]) >= {"gradient_checkpointing", "offload_encoders"}:
+        key = (row["model"], row["method"], 1, "lowest")
+        if key in GOALS:
+            goal = f"{GOALS[key][0]}: {'met' if row['instrument_gb'] <= GOALS[key][1] else 'missed'}"
+    return [row["model"], str(row["resolution"]), str(row["batch"]), row["method"], "+".join(row["levers"]) or "-",
+            f"{row['estimate_gb']:.2f}", f"{row['instrument_gb']:.2f}",
+            f"{row['estimate_gb'] / row['instrument_gb'] - 1:+.1%}", "-" if check is None else f"{check:.1f}",
+            "-" if check is None else f"{row['instrument_gb'] / check - 1:+.0%}", goal]
+
+
+def fit() -> int:
+    """The activation table of trainers/memory.py: for each model, method kind and checkpointing, the residual
+    (instrument minus the estimate's parameter terms) at batch 1 and 2 gives a fixed part and a part per pixel."""
+    import dataclasses
+
+    from trainers.memory import Setup, activation_key, estimate_bytes, known_shape
+
+    no_activations = {f"{k}-{g}": (0.0, 0.0) for k in ("lora", "full") for g in ("gc", "nogc")}
+    no_activations.update({f"lora-{g}-fp8": (0.0, 0.0) for g in ("gc", "nogc")})
+    for name in MODELS:
+        entries = {}
+        for method in ("lora", "full"):
+            for levers in ((), ("gradient_checkpointing",), ("fp8_base",), ("fp8_base", "gradient_checkpointing")):
+                if method == "full" and "fp8_base" in levers:
+                    continue
+                residual = []
+                for batch in (1, 2):
+                    row = measure_row(name, method, batch, levers)
+                    cfg = row_config(name, method, batch, levers)
+                    shape = dataclasses.replace(known_shape(name), activations=no_activations)
+                    static = estimate_bytes(shape, Setup.from_config(cfg), set(levers))
+                    residual.append(row["instrument_gb"] * 2**30 - (static["total"] - static["activations"]))
+                side = MODELS[name][1] // 8
+                per_pixel = (residual[1] - residual[0]) / side**2
+                entries[activation_key(method == "full", set(levers))] = (round(residual[0] - per_pixel * side**2),
+                                                                           round(per_pixel, 1))
+        print(f"{name}: {entries}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

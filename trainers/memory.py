@@ -1,0 +1,305 @@
+"""Device memory of a training run, in seconds: an analytic estimate and the planner that picks memory levers.
+
+The estimate is parameters x bytes for weights, gradients and optimizer states, plus activations from a per-model
+table: a fixed part and a part per latent pixel per sample, measured by the memory instrument (`bench/memory.py`,
+which runs real training steps through the loop's code on the meta device) for each model, method kind and
+gradient checkpointing. The planner enumerates the combinations of levers the user left at auto and keeps the
+fastest whose estimate plus a margin fits the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import FP8_METHODS, Config
+from .errors import ConfigError
+from .runfolder import read_safetensors_header
+
+GIB = 2**30
+LEVERS = ("adamw8bit", "fused_backward", "offload_encoders", "fp8_base", "gradient_checkpointing")
+LEVER_SLOWDOWN = {"adamw8bit": 1.0, "fused_backward": 1.0, "offload_encoders": 1.01, "fp8_base": 1.15,
+                  "gradient_checkpointing": 1.35}
+"""Assumed step time with each lever, relative to none (not yet measured on a GPU): 8-bit Adam and the fused
+backward change only the optimizer's arithmetic, parked encoders cost a transfer per encoding (first epoch only),
+fp8 weights an upcast per layer, checkpointing a second forward of most of the UNet."""
+MARGIN_FRACTION, MARGIN_BYTES = 0.10, 0.5 * GIB
+"""Kept free beside the estimate: the allocator's fragmentation, cuDNN workspaces, kernels' scratch."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model."""
+
+    name: str
+    unet_params: int
+    text_params: int
+    vae_params: int
+    lora_params_per_rank: dict[str, int]
+    """LoRA parameters at rank 1, by `lora.targets`."""
+    activations: dict[str, tuple[float, float]]
+    """By `activation_key` ("lora-gc", "lora-nogc-fp8", ...): (fixed bytes, bytes per latent pixel per sample), at
+    16-bit activations."""
+
+    def scaled(self, unet_params: int, text_params: int, vae_params: int) -> "ModelShape":
+        """The same family with another UNet size: LoRA and activations in proportion (a rough guess)."""
+        k = unet_params / self.unet_params
+        return ModelShape(f"{self.name}-like", unet_params, text_params, vae_params,
+                          {t: round(n * k) for t, n in self.lora_params_per_rank.items()},
+                          {key: (a * k, b * k) for key, (a, b) in self.activations.items()})
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The settings that decide memory."""
+
+    method: str
+    batch: int
+    resolution: int
+    weight_bytes: int
+    """2 for bf16/fp16 training, 4 for fp32."""
+    rank: int = 16
+    targets: str = "attention"
+    prior_preservation: bool = False
+    ema: bool = False
+    train_text_encoder: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, on_gpu: bool = True) -> "Setup":
+        t = cfg.train
+        half = t.mixed_precision in ("bf16", "fp16") or (t.mixed_precision == "auto" and on_gpu)
+        full = t.method == "full"
+        return cls(t.method, t.batch_size, cfg.data.resolution, 2 if half else 4, cfg.lora.rank, cfg.lora.targets,
+                   cfg.dreambooth.enabled and cfg.dreambooth.prior_preservation, full and cfg.full.ema,
+                   cfg.full.train_text_encoder if full else cfg.lora.train_text_encoder and t.method == "lora")
+
+
+def activation_key(full: bool, levers: frozenset[str] | set[str]) -> str:
+    """fp8 layers save less for backward than a plain convolution (no input): their own entry."""
+    key = f"{'full' if full else 'lora'}-{'gc' if 'gradient_checkpointing' in levers else 'nogc'}"
+    return key + "-fp8" if "fp8_base" in levers and not full else key
+
+
+def activation_entry(shape: ModelShape, full: bool, levers: frozenset[str] | set[str]) -> tuple[float, float]:
+    key = activation_key(full, levers)
+    return shape.activations.get(key) or shape.activations[key.removesuffix("-fp8")]
+
+
+def estimate_bytes(shape: ModelShape, setup: Setup, levers: frozenset[str] | set[str] = frozenset()) -> dict[str, float]:
+    """Peak device bytes of a steady training step, by part; "total" is their sum."""
+    full = setup.method == "full"
+    unet_bytes = 4 if full else (1 if "fp8_base" in levers else setup.weight_bytes)
+    trained = shape.unet_params if full else shape.lora_params_per_rank.get(setup.targets, 0) * setup.rank
+    if setup.train_text_encoder:
+        trained += shape.text_params if full else 0
+    encoders_on_device = "offload_encoders" not in levers or setup.train_text_encoder
+    encoders = (shape.text_params * (4 if full and setup.train_text_encoder else setup.weight_bytes)
+                + shape.vae_params * setup.weight_bytes) if encoders_on_device else 0
+    optimizer = trained * (2 if "adamw8bit" in levers else 8) + (trained * 4 if setup.ema else 0)
+    grads = 0 if "fused_backward" in levers else trained * 4
+    fixed, per_pixel = activation_entry(shape, full, levers)
+    passes = 2 if setup.prior_preservation else 1
+    pixels = (setup.resolution // 8) ** 2 * setup.batch * passes
+    activations = (fixed + per_pixel * pixels) * setup.weight_bytes / 2
+    parts = {"unet": shape.unet_params * unet_bytes, "encoders": encoders, "adapters": 0 if full else trained * 4,
+             "grads": grads,
+             "optimizer": optimizer, "activations": activations}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+_PARAMS = {  # UNet, text encoders, VAE; LoRA parameters at rank 1 by targets (counted on the shipped configs)
+    "sd15": (859520964, 123060480, 83653863,
+             {"attention": 199296, "attention_ff": 374016, "all_linear": 422336, "all": 1050816}),
+    "sd21v": (865910724, 340387840, 83653863,
+              {"attention": 207488, "attention_ff": 382208, "all_linear": 480448, "all": 1059008}),
+    "sdxl": (2567463684, 817720320, 83653863,
+             {"attention": 1451520, "attention_ff": 2616320, "all_linear": 2695360, "all": 3074240}),
+}
+ACTIVATIONS: dict[str, dict[str, tuple[float, float]]] = {
+    "sd15": {"lora-nogc": (-7015713, 284688.4), "lora-gc": (-13458164, 67108.9), "lora-nogc-fp8": (-5414466, 249823.2),
+             "lora-gc-fp8": (166384226, 31981.6), "full-nogc": (-117999827, 107741.2), "full-gc": (155804339, 19660.8)},
+    "sd21v": {"lora-nogc": (-7723022, 273678.3), "lora-gc": (-13091731, 56856.1), "lora-nogc-fp8": (-6174467, 248745.5),
+              "lora-gc-fp8": (-11543176, 53593.9), "full-nogc": (-1784467105, 306999.8),
+              "full-gc": (-38562900, 43224.6)},
+    "sdxl": {"lora-nogc": (-53991349, 473694.2), "lora-gc": (-91572313, 43974.7), "lora-nogc-fp8": (-44180690, 451936.3),
+             "lora-gc-fp8": (-87130363, 41418.8), "full-nogc": (-5827336964, 532676.6), "full-gc": (-91408140, 25231.4)},
+}
+"""Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16): (fixed bytes, bytes per latent
+pixel per sample) by method kind and gradient checkpointing."""
+
+
+def known_shape(name: str) -> ModelShape:
+    unet, text, vae, lora = _PARAMS[name]
+    return ModelShape(name, unet, text, vae, lora, ACTIVATIONS.get(name, {}))
+
+
+# ---- the model a config names ---------------------------------------------------------------------------------
+def shape_of_file(path: Path, family_name: str | None = None) -> ModelShape | None:
+    """The shape of a single-file checkpoint, from its safetensors header (no weights read); None when unknown."""
+    header = _safetensors_header(path)
+    if header is None:
+        return None
+    counts = {"unet": 0, "text": 0, "vae": 0}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        part = "unet" if key.startswith("model.diffusion_model.") else "vae" if key.startswith("first_stage_model.") \
+            else "text" if key.startswith(("cond_stage_model.", "conditioner.")) else None
+        if part:
+            counts[part] += math.prod(info["shape"])
+    family = family_name or ("sdxl" if any(k.startswith("conditioner.") for k in header) else
+                             "sd21v" if any(k.startswith("cond_stage_model.model.") for k in header) else "sd15")
+    known = known_shape(family)
+    if abs(counts["unet"] / known.unet_params - 1) < 0.02:
+        return dataclasses.replace(known, text_params=counts["text"] or known.text_params,
+                                   vae_params=counts["vae"] or known.vae_params)
+    return known.scaled(counts["unet"], counts["text"], counts["vae"]) if counts["unet"] else None
+
+
+def _safetensors_header(path: Path) -> dict[str, Any] | None:
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    try:
+        return read_safetensors_header(path)
+    except (OSError, ValueError):
+        return None
+
+
+# ---- the planner ----------------------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    levers: tuple[str, ...]
+    estimate_bytes: float
+    budget_bytes: float | None
+    budget_source: str
+    """"train.memory_budget_gb", "free GPU memory" or "none" (nothing checked)."""
+    mode: str
+    candidates: list[tuple[tuple[str, ...], float, float]] = field(default_factory=list)
+    """Every combination considered: (levers, estimate bytes, slowdown)."""
+
+    def summary(self) -> dict[str, Any]:
+        budget = None if self.budget_bytes is None else round(self.budget_bytes / GIB, 2)
+        text = (f"memory ({self.mode}): {', '.join(self.levers) or 'no levers'}; estimate "
+                f"{self.estimate_bytes / GIB:.1f} GiB" + (f" of {budget:.1f} GiB ({self.budget_source})"
+                                                           if budget is not None else ""))
+        return {"mode": self.mode, "levers": list(self.levers), "estimate_gb": round(self.estimate_bytes / GIB, 2),
+                "budget_gb": budget, "budget_from": self.budget_source, "text": text}
+
+
+def applicable_levers(setup: Setup, available: set[str]) -> list[str]:
+    out = ["gradient_checkpointing"]
+    if not setup.train_text_encoder:
+        out.append("offload_encoders")
+    if setup.method in FP8_METHODS:
+        out.append("fp8_base")
+    if "adamw8bit" in available:
+        out.append("adamw8bit")
+    if "fused_backward" in available and setup.method == "full":
+        out.append("fused_backward")
+    return out
+
+
+def slowdown(levers: tuple[str, ...] | set[str]) -> float:
+    return math.prod(LEVER_SLOWDOWN[name] for name in levers)
+
+
+def with_margin(estimate: float) -> float:
+    return estimate * (1 + MARGIN_FRACTION) + MARGIN_BYTES
+
+
+def plan_levers(shape: ModelShape, setup: Setup, *, mode: str, forced_on: set[str], forced_off: set[str],
+                available: set[str], budget: float | None, budget_source: str) -> MemoryPlan:
+    """The levers to use: `forced_*` are the user's explicit settings (never changed), the others are chosen by
+    `mode`. Raises ConfigError when nothing fits the budget."""
+    free = [name for name in applicable_levers(setup, available) if name not in forced_on | forced_off]
+    combos = [tuple(sorted(forced_on | set(c))) for n in range(len(free) + 1) for c in itertools.combinations(free, n)]
+    scored = [(c, estimate_bytes(shape, setup, set(c))["total"], slowdown(c)) for c in combos]
+    if mode == "max_speed" or (mode == "auto" and budget is None):
+        pick = min(scored, key=lambda s: (len(s[0]), s[1]))
+    elif mode == "lowest":
+        pick = min(scored, key=lambda s: (s[1], s[2]))
+    else:
+        fitting = [s for s in scored if with_margin(s[1]) <= budget]
+        if not fitting:
+            raise _nothing_fits(shape, setup, scored, budget, budget_source)
+        pick = min(fitting, key=lambda s: (s[2], s[1]))
+    return MemoryPlan(pick[0], pick[1], budget, budget_source, mode, scored)
+
+
+def _nothing_fits(shape: ModelShape, setup: Setup, scored, budget: float, source: str) -> ConfigError:
+    least = min(scored, key=lambda s: s[1])
+    needed = with_margin(least[1])
+    fits = [b for b in range(setup.batch - 1, 0, -1)
+            if with_margin(estimate_bytes(shape, dataclasses.replace(setup, batch=b), set(least[0]))["total"]) <= budget]
+    smaller = [r for r in range(setup.resolution - 64, 255, -64)
+               if with_margin(estimate_bytes(shape, dataclasses.replace(setup, resolution=r), set(least[0]))["total"])
+               <= budget]
+    would = (f"train.batch_size {fits[0]}" if fits else f"data.resolution {smaller[0]}" if smaller
+             else "a GPU with more memory")
+    return ConfigError(
+        f"this training needs about {needed / GIB:.1f} GiB even with every memory lever "
+        f"({', '.join(least[0]) or 'none'}), but {budget / GIB:.1f} GiB are available ({source})",
+        f"use {would}, or free GPU memory (other programs), or raise train.memory_budget_gb if it is set too low",
+        where="train.memory")
+
+
+def plan_for_config(cfg: Config, shape: ModelShape | None, *, budget: float | None = None,
+                    budget_source: str = "none", available: set[str] | None = None) -> tuple[Config, MemoryPlan | None]:
+    """The config with every lever left at auto decided (explicit settings kept), and the plan behind it."""
+    t = cfg.train
+    if t.method not in ("lora", "full") or shape is None:
+        return _levers_off(cfg), None
+    if budget is None and t.memory_budget_gb > 0:
+        budget, budget_source = t.memory_budget_gb * GIB, "train.memory_budget_gb"
+    forced_on = {n for n in ("offload_encoders", "fp8_base", "fused_backward") if getattr(t, n) == "on"}
+    forced_off = {n for n in ("offload_encoders", "fp8_base", "fused_backward") if getattr(t, n) == "off"}
+    if t.gradient_checkpointing:
+        forced_on.add("gradient_checkpointing")
+    (forced_on if t.optimizer == "adamw8bit" else forced_off).add("adamw8bit")  # the optimizer is the user's
+    if t.gradient_accumulation != 1 or t.max_grad_norm != 0:
+        forced_off.add("fused_backward")
+    plan = plan_levers(shape, Setup.from_config(cfg), mode=t.memory, forced_on=forced_on, forced_off=forced_off,
+                       available=available if available is not None else _available(), budget=budget,
+                       budget_source=budget_source)
+    return _with_levers(cfg, set(plan.levers)), plan
+
+
+def _available() -> set[str]:
+    import importlib.util
+
+    import torch
+
+    found = {"fused_backward"}
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        found.add("adamw8bit")
+    return found
+
+
+def _with_levers(cfg: Config, levers: set[str]) -> Config:
+    t = cfg.train
+    train = dataclasses.replace(
+        t, gradient_checkpointing="gradient_checkpointing" in levers,
+        **{n: "on" if n in levers else "off" for n in ("offload_encoders", "fp8_base", "fused_backward")})
+    return dataclasses.replace(cfg, train=train)
+
+
+def _levers_off(cfg: Config) -> Config:
+    t = cfg.train
+    train = dataclasses.replace(t, **{n: "off" if getattr(t, n) == "auto" else getattr(t, n)
+                                   for n in ("offload_encoders", "fp8_base", "fused_backward")})
+    return dataclasses.replace(cfg, train=train)
+
+
+def free_gpu_memory() -> float | None:
+    """Free bytes on the training GPU now (after the host application has unloaded its models); None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return float(free)
