@@ -23,11 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from .errors import FinetuneError
 from .io import disk_full_named, fsync_file, fsync_tree
-from .runfolder import CHECKPOINT_STATE_FILE, STEP_PREFIX, RunFolder
+from .runfolder import CHECKPOINT_STATE_FILE, SET_ASIDE_SUFFIX, STEP_PREFIX, RunFolder
 
 log = logging.getLogger(__name__)
 
-OLD_SUFFIX = ".old"
 LEGACY_RNG_FILE = "rng.pt"  # checkpoints written before each process saved its own RNG: the noise generator only
 
 
@@ -89,7 +88,7 @@ def save_checkpoint(run_dir: Path, state: LoopState, method, resumables: Resumab
 def replace_folder(new: Path, final: Path) -> None:
     """Put the whole folder `new` at `final`: the new one is renamed into place before the old one is removed, so
     a power cut leaves one of them whole (an old one set aside is put back by `latest_checkpoint`)."""
-    old = final.with_name(f".{final.name}{OLD_SUFFIX}")
+    old = final.with_name(f".{final.name}{SET_ASIDE_SUFFIX}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -100,8 +99,8 @@ def replace_folder(new: Path, final: Path) -> None:
 
 def _restore_set_aside(folder: Path) -> None:
     """A checkpoint set aside for its replacement, whose replacement never arrived (a crash in between), goes back."""
-    for old in folder.glob(f".{STEP_PREFIX}*{OLD_SUFFIX}"):
-        final = old.with_name(old.name[1:-len(OLD_SUFFIX)])
+    for old in folder.glob(f".{STEP_PREFIX}*{SET_ASIDE_SUFFIX}"):
+        final = old.with_name(old.name[1:-len(SET_ASIDE_SUFFIX)])
         if not final.exists():
             os.replace(old, final)
 

@@ -26,6 +26,8 @@ TENSORBOARD_DIR, INTERMEDIATE_DIR = "tensorboard", "intermediate"
 STEP_PREFIX = "step_"
 CHECKPOINT_STATE_FILE = "state.json"
 """Written last into a checkpoint folder: a folder with it is complete and can be resumed from."""
+SET_ASIDE_SUFFIX = ".old"
+"""A checkpoint being replaced is renamed to `.step_NNNNNN.old` until its replacement is in place."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,18 @@ class RunFolder:
         done = [p for p in self.step_folders() if (p / CHECKPOINT_STATE_FILE).is_file()]
         return done[-1] if done else None
 
+    def set_aside_checkpoints(self) -> list[Path]:
+        """Complete checkpoints set aside for a replacement that never arrived (a crash in between); `--resume` puts
+        them back (checkpointing.latest_checkpoint). Read only, so the nodes can ask on a GET."""
+        if not self.checkpoints.is_dir():
+            return []
+        return [old for old in sorted(self.checkpoints.glob(f".{STEP_PREFIX}*{SET_ASIDE_SUFFIX}"))
+                if (old / CHECKPOINT_STATE_FILE).is_file()
+                and not old.with_name(old.name[1:-len(SET_ASIDE_SUFFIX)]).exists()]
+
     def has_checkpoint(self) -> bool:
-        return self.latest_checkpoint() is not None
+        """Whether `--resume` has a checkpoint to continue from."""
+        return self.latest_checkpoint() is not None or bool(self.set_aside_checkpoints())
 
 
 # ---- what each method writes -------------------------------------------------------------------------------------

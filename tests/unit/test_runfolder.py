@@ -24,6 +24,19 @@ def test_only_a_complete_checkpoint_is_resumable(tmp_path):
     assert run.sample(100, 1) == tmp_path / "samples" / "step_000100_1.png"
 
 
+def test_a_checkpoint_set_aside_by_a_crashed_replace_still_counts(tmp_path):
+    """A crash between setting the old checkpoint aside and renaming its replacement in: --resume puts it back, so
+    the nodes must see it too, without writing anything."""
+    run = RunFolder(tmp_path)
+    aside = run.checkpoints / ".step_000007.old"
+    aside.mkdir(parents=True)
+    (aside / CHECKPOINT_STATE_FILE).write_text("{}")
+    assert run.has_checkpoint() and run.latest_checkpoint() is None
+    assert aside.is_dir() and not run.checkpoint(7).exists(), "asking wrote nothing"
+    (aside / CHECKPOINT_STATE_FILE).unlink()
+    assert not run.has_checkpoint(), "an incomplete set-aside folder is not a checkpoint"
+
+
 def test_events_are_flat_json_with_none_left_out():
     progress = ProgressEvent(3, 10, 0.5, 0.6, 1e-4, [1e-4, 2e-4], 2.0, None, {"reward_mean": 0.25}).as_dict()
     assert progress == {"event": "progress", "step": 3, "total": 10, "loss": 0.5, "loss_avg": 0.6, "lr": 1e-4,
