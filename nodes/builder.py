@@ -101,7 +101,7 @@ def steps_input(maximum: int = 100000, more: str = "") -> io.Int.Input:
 
 
 def resolution_input() -> io.Int.Input:
-    return io.Int.Input("resolution", default=0, min=0, max=4096, step=64,
+    return io.Int.Input("resolution", default=0, min=0, max=4096, step=32,
                         tooltip="Training side length; 0 = the one set on Load Training Images.")
 
 

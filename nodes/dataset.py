@@ -47,7 +47,7 @@ class LoadTrainingImages(io.ComfyNode):
                                         f"them ({ALLOW_FOLDERS_ENV} or user/comfyui-finetune/access.toml)."),
                 io.Int.Input("repeats", default=1, min=1, max=1000,
                              tooltip="How often each image is seen per epoch (raise it for a small set of images)."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                io.Int.Input("resolution", default=512, min=32, max=4096, step=32,
                              tooltip="Training side length in pixels: 512 for SD1.x, 768 for SD2.x, 1024 for SDXL."),
                 io.Combo.Input("crop", options=["center", "random"], default="center",
                                tooltip="How an image is cut to its training size: from the centre, or at a random "

@@ -265,7 +265,7 @@ class TrainDDPO(TrainingNode):
                          tooltip="DDIM steps per sampled image; each is trained on."),
             io.Float.Input("guidance", default=5.0, min=1.0, max=30.0, step=0.1,
                            tooltip="Classifier-free guidance while sampling (1 = none, twice as fast)."),
-            io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Side of sampled images."),
+            io.Int.Input("resolution", default=512, min=32, max=4096, step=32, tooltip="Side of sampled images."),
             io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA size."),
             *run_inputs("my_ddpo_lora", "3e-4", samples="{first prompt}"),
             RewardType.Input("reward_model", optional=True,

@@ -60,12 +60,12 @@ def tiny_controlnet(seed: int = 0) -> Path:
         save_controlnet(folder / COMFY_NAME, controlnet.state_dict(), unet.config,
                         {"modelspec.title": "random ControlNet for tests"})
 
-    return tiny_models._cached("controlnet-sd1", params, build) / COMFY_NAME
+    return tiny_models.cached("controlnet-sd1", params, build) / COMFY_NAME
 
 
 def install_into(comfyui_dir: Path) -> str:
     """Link (or copy) the tiny ControlNet into models/controlnet/; returns its name in ComfyUI's ControlNet lists."""
-    tiny_models._link(tiny_controlnet(), Path(comfyui_dir) / "models" / "controlnet" / COMFY_NAME)
+    tiny_models.link(tiny_controlnet(), Path(comfyui_dir) / "models" / "controlnet" / COMFY_NAME)
     return COMFY_NAME
 
 

@@ -93,18 +93,19 @@ _COMFY_DTYPES = {"sd1": torch.float16, "sd2v": torch.float8_e4m3fn, "sdxl": torc
 
 
 # ---- the cache ---------------------------------------------------------------------------------------------
-def _cached(kind: str, params: dict, build: Callable[[Path], None]) -> Path:
-    """The folder `build` fills for these parameters, built once (atomically, under a lock) and then reused."""
+def cached(kind: str, params: dict, build: Callable[[Path], None], *, root: Path = CACHE) -> Path:
+    """The folder `build` fills for these parameters, built once (atomically, under a lock) in `root` and then
+    reused."""
     key = {**params, "format": FORMAT, "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode() + _EXPORTER.read_bytes())
-    final = CACHE / f"{kind}-{digest.hexdigest()[:16]}"
+    final = root / f"{kind}-{digest.hexdigest()[:16]}"
     if final.is_dir():
         return final
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with _lock(CACHE / f".{final.name}.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root / f".{final.name}.lock"):
         if final.is_dir():  # another process built it while we waited
             return final
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=CACHE))
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             with torch.random.fork_rng():
                 torch.manual_seed(params.get("seed", 0))
@@ -137,7 +138,7 @@ def _family(name: str) -> tuple[Family, str]:
     return FAMILIES[name]
 
 
-def _random_model(name: str, *, unet: dict, text: dict[str, dict], vae: dict) -> BaseModel:
+def random_model(name: str, *, unet: dict, text: dict[str, dict], vae: dict) -> BaseModel:
     """A BaseModel of family `name` with random weights: the shipped configs with the given sizes on top
     (`text` by text encoder subfolder)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -167,10 +168,10 @@ def tiny_pipeline_dir(family: str = "sd1", seed: int = 0) -> Path:
               "vae": _TINY_VAE}
 
     def build(folder: Path) -> None:
-        base = _random_model(family, unet=params["unet"], text=_TINY_TEXT, vae=_TINY_VAE)
+        base = random_model(family, unet=params["unet"], text=_TINY_TEXT, vae=_TINY_VAE)
         build_pipeline(base).save_pretrained(folder, safe_serialization=True)
 
-    return _cached(f"pipeline-{family}", params, build)
+    return cached(f"pipeline-{family}", params, build)
 
 
 def tiny_single_file(family: str = "sd1", seed: int = 0) -> Path:
@@ -181,7 +182,7 @@ def tiny_single_file(family: str = "sd1", seed: int = 0) -> Path:
         save_single_file(folder / "model.safetensors", load_base_model(ModelConfig(base=str(source))),
                          dtype=torch.float32)
 
-    return _cached(f"single-{family}", {"source": source.name, "seed": seed}, build) / "model.safetensors"
+    return cached(f"single-{family}", {"source": source.name, "seed": seed}, build) / "model.safetensors"
 
 
 def comfy_checkpoint(family: str = "sd1", seed: int = 0) -> Path:
@@ -189,11 +190,11 @@ def comfy_checkpoint(family: str = "sd1", seed: int = 0) -> Path:
     params = {"family": family, "seed": seed, "unet": _COMFY_UNETS[_check(family)], "dtype": _COMFY_DTYPES[family]}
 
     def build(folder: Path) -> None:
-        base = _random_model(family, unet=params["unet"], text={}, vae={})
+        base = random_model(family, unet=params["unet"], text={}, vae={})
         save_single_file(folder / "model.safetensors", base, dtype=params["dtype"],
                          metadata={"modelspec.title": f"random {family} for tests"})
 
-    return _cached(f"comfy-{family}", params, build) / "model.safetensors"
+    return cached(f"comfy-{family}", params, build) / "model.safetensors"
 
 
 def _check(family: str) -> str:
@@ -223,7 +224,7 @@ def tiny_blip_dir(seed: int = 0) -> Path:
         BlipForConditionalGeneration(config).save_pretrained(folder)
         BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
 
-    return _cached("blip", params, build)
+    return cached("blip", params, build)
 
 
 # ---- installing into ComfyUI -------------------------------------------------------------------------------
@@ -231,13 +232,13 @@ def install_into(comfyui_dir: Path, *, families: tuple[str, ...] = ("sd1",)) -> 
     """Link (or copy) `comfy_checkpoint(f)` into models/checkpoints/ and the tiny BLIP into models/blip/;
     returns {family or "blip": installed path}."""
     models = Path(comfyui_dir) / "models"
-    installed = {family: _link(comfy_checkpoint(family), models / "checkpoints" / COMFY_NAMES[family])
+    installed = {family: link(comfy_checkpoint(family), models / "checkpoints" / COMFY_NAMES[family])
                  for family in families}
-    installed["blip"] = _link(tiny_blip_dir(), models / "blip" / BLIP_NAME)
+    installed["blip"] = link(tiny_blip_dir(), models / "blip" / BLIP_NAME)
     return installed
 
 
-def _link(source: Path, target: Path) -> Path:
+def link(source: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_symlink() and target.resolve() == source.resolve():
         return target

@@ -42,8 +42,8 @@ def validate(cfg: Config) -> None:
     _check(bool(d.folder or d.manifest) or t.method in METHODS_WITHOUT_IMAGES, "data.folder",
            "no training data given", "set data.folder to a folder of images (or data.manifest to a JSON-lines file)")
     _check(d.repeats >= 1, "data.repeats", f"must be at least 1, got {d.repeats}", "use 1 or more")
-    _check(d.resolution >= 64 and d.resolution % 8 == 0, "data.resolution",
-           f"must be a multiple of 8 and at least 64, got {d.resolution}", "use e.g. 512 (SD1.x), 768 (SD2) or 1024 (SDXL)")
+    _check(d.resolution >= 32 and d.resolution % 8 == 0, "data.resolution",
+           f"must be a multiple of 8 and at least 32, got {d.resolution}", "use e.g. 512 (SD1.x), 768 (SD2) or 1024 (SDXL)")
     _check(d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step",
            f"must be a positive multiple of 8, got {d.bucket_step}", "use 64")
     _check(d.bucket_step <= d.resolution, "data.bucket_step", f"must not exceed data.resolution ({d.resolution})",

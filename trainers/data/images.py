@@ -22,7 +22,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", 
                                              | ({".avif"} if features.check("avif") else set()))
 """File types the scan picks up (lower case; matched case-insensitively)."""
 
-MIN_SIDE = 64
+MIN_SIDE = 32
 MAX_PIXELS = 2 * 89_478_485
 """Pillow's own decompression-bomb limit (about 179 megapixels), enforced even where Pillow's has been lifted."""
 
