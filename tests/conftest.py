@@ -1,6 +1,6 @@
 """Fixtures shared by every test: a real ComfyUI server with the pack (one per session), a client for it, extra
 servers on demand, and a real Chromium for browser tests. Tests under tests/integration and tests/browser get the
-`integration` / `browser` marker from their folder."""
+`integration` / `browser` / `pictures` marker from their folder."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from tests.comfy.server import (ServerError, check_pack_loaded, expected_node_id
                                tiny_checkpoint_name)
 
 TESTS = Path(__file__).resolve().parent
-MARKED_FOLDERS = ("integration", "browser")  # each folder's tests get the marker of the same name
-RUN_ORDER = ("unit", "integration", "browser")
+MARKED_FOLDERS = ("integration", "pictures", "browser")  # each folder's tests get the marker of the same name
+RUN_ORDER = ("unit", "integration", "pictures", "browser")
 HF_HOME_KEY = pytest.StashKey[str]()
 
 

@@ -15,6 +15,12 @@ from tests.comfy.client import Result, image_paths
 SAMPLER = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
 """How every picture is drawn: enough steps for the tiny base's pictures to settle, a moderate guidance."""
 SUBFOLDER = "pictures"
+SEED = 1000
+"""Seed of every batch (a new seed: the base was trained on noise, not on these)."""
+BATCH = 8
+"""Pictures per case."""
+QUIET = "[output]\ntensorboard = false\n[train]\nwarmup_steps = 0\n"
+"""A Train node's `advanced` for the picture tests: no TensorBoard, no warm-up."""
 
 Link = list  # [node id, output slot]
 
@@ -71,3 +77,22 @@ def subject_folder(input_dir: Path, name: str, caption: str, count: int = 4) -> 
         world.SUBJECT.render().save(folder / f"subject_{index}.png")
         (folder / f"subject_{index}.txt").write_text(caption, encoding="utf-8")
     return folder
+
+
+def draw_and_read(comfy, comfy_server, graph: Graph, timeout: float = 900) -> dict[str, list[Path]]:
+    """Run the graph on the server; its saved pictures by prefix."""
+    result = comfy.run(graph.nodes, timeout=timeout)
+    assert result.status == "success", result.error
+    return pictures_by_prefix(result, comfy_server.output_dir)
+
+
+def report(case: str, **numbers: Any) -> None:
+    """Print a case's numbers (pytest shows them with -s, and in the log of a failing test)."""
+    print(f"\n[pictures] {case}: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                               for k, v in numbers.items()))
+
+
+def dataset(graph: Graph, folder: str, **options: Any) -> Link:
+    """Load Training Images on a folder of the server's input folder, at the world's size, no buckets."""
+    return graph.link(graph.add("FinetuneLoadTrainingImages", folder="(none)", path=folder, repeats=1,
+                                resolution=world.SIZE, crop="center", flip=False, bucketing=False, **options))
