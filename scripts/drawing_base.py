@@ -15,8 +15,9 @@ How it is made:
   the world but the subject (`drawing_world.base_scenes`).
 
 The result is cached outside the clone, in `$COMFYUI_FINETUNE_CACHE`, else `$XDG_CACHE_HOME/comfyui-finetune`,
-else `~/.cache/comfyui-finetune`, in a folder keyed by a hash of the recipe (its numbers, this file, the world's
-file and torch's version): a machine builds it once. `build_report.json` beside it says what the build cost.
+else `~/.cache/comfyui-finetune`, in a folder keyed by a hash of the recipe (its numbers, this file, the training
+pictures and captions, and torch's version): a machine builds it once. `build_report.json` beside it says what
+the build cost.
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ def cache_root() -> Path:
 
 
 def recipe_key() -> str:
+    """A hash of what makes the base: the recipe's numbers, this file, the training set (captions and pixels) and
+    torch's version. Changes to the metrics in drawing_world.py keep the cached base."""
     digest = hashlib.sha256(json.dumps({**RECIPE, "torch": torch.__version__}, sort_keys=True).encode())
-    for source in (Path(__file__), Path(world.__file__)):
-        digest.update(source.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    for scene in world.base_scenes():
+        digest.update(scene.caption.encode())
+        digest.update(scene.render().tobytes())
     return digest.hexdigest()[:16]
 
 
