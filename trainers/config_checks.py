@@ -46,8 +46,9 @@ def validate(cfg: Config) -> None:
            f"must be a multiple of 8 and at least 32, got {d.resolution}", "use e.g. 512 (SD1.x), 768 (SD2) or 1024 (SDXL)")
     _check(d.bucket_step > 0 and d.bucket_step % 8 == 0, "data.bucket_step",
            f"must be a positive multiple of 8, got {d.bucket_step}", "use 64")
-    _check(d.bucket_step <= d.resolution, "data.bucket_step", f"must not exceed data.resolution ({d.resolution})",
-           "use 64")
+    # Without buckets the step is unused (one square bucket of `resolution`).
+    _check(not d.buckets or d.bucket_step <= d.resolution, "data.bucket_step",
+           f"must not exceed data.resolution ({d.resolution})", "use a step up to the resolution, or buckets = false")
     _check(d.min_bucket_side > 0 and (d.max_bucket_side == 0 or d.min_bucket_side <= d.max_bucket_side),
            "data.min_bucket_side", "must be positive and not above data.max_bucket_side", "e.g. 256 and 1024")
     _check(bool(CAPTION_EXTENSION.match(d.caption_extension.strip())), "data.caption_extension",

@@ -146,6 +146,14 @@ def test_defaults_validate_once_model_and_data_are_given():
     valid(dreambooth={"enabled": True}, data={"class_noun": "dog"}).validate()
 
 
+def test_bucket_step_above_resolution_is_an_error_only_with_buckets():
+    """Without buckets the step is unused (one square bucket of `resolution`), so 32-px training takes its default."""
+    valid(data={"resolution": 32, "buckets": False}).validate()
+    with pytest.raises(ConfigError) as caught:
+        valid(data={"resolution": 32, "buckets": True}).validate()
+    assert caught.value.where == "data.bucket_step"
+
+
 @pytest.mark.parametrize("images, steps", [(0, 400), (1, 400), (4, 400), (5, 500), (9, 900), (12, 1200), (50, 1200)])
 def test_default_steps_are_100_per_image_clamped(images: int, steps: int):
     assert default_steps(images) == steps
