@@ -107,7 +107,7 @@ def test_textual_inversion_embedding_draws_the_subject(comfy, comfy_server, draw
     model, clip, vae = graph.checkpoint(drawing_base)
     train = graph.add("FinetuneTrainTextualInversion", base_checkpoint=drawing_base,
                       dataset=dataset(graph, "pictures_ti"), trigger_word="sks", initializer="square", num_vectors=2,
-                      steps=150, resolution=world.SIZE, prompt_template="a photo of {embedding} square",
+                      steps=80, resolution=world.SIZE, prompt_template="a photo of {embedding} square",
                       learning_rate=5e-2, name=f"pictures_ti_{uuid.uuid4().hex[:8]}", advanced=QUIET,
                       **TRAIN_DEFAULTS)
     graph.draw(model, clip, vae, graph.link(train, 1), "ti_with", seed=SEED)
