@@ -52,7 +52,7 @@ ROBOT = Subject(samples=REPO / "assets" / "sample_images", noun="toy robot", run
 # The drawing base learns the subject in about a hundred steps at its own 32 px; 8 pictures per prompt are measured.
 WORLD = Subject(samples=REPO / "assets" / "world_subject", noun="square", run_name="demo_world_lora",
                 pack_settings={"steps": 120, "resolution": 32, "learning_rate": 1e-3, "rank": 8, "alpha": 8.0,
-                               "batch_size": 4, "sample_every": 0},
+                               "batch_size": 4, "sample_every": 0, "bucketing": False},
                 stock_settings={"width": 32, "height": 32, "batch_size": 8, "steps": 20, "cfg": 5.0},
                 prompt="a photo of sks square")
 FOLDER_WORDS = ("folder", "directory", "path")
@@ -166,7 +166,7 @@ def _prepared_value(name: str, value: Any, kind: Any, options: dict[str, Any], i
         return subject.prompt if "sks" in value else ""
     if kind == "STRING":
         return WORKFLOW_SUBJECT.sub(subject.noun, value)
-    if kind in ("INT", "FLOAT"):
+    if kind in ("INT", "FLOAT", "BOOLEAN"):
         return (subject.pack_settings if is_ours else subject.stock_settings).get(name, value)
     return value
 
