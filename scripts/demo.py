@@ -81,7 +81,7 @@ def run_demo() -> int:
     subject = ROBOT if real_checkpoint else WORLD
     models = [real_checkpoint] if real_checkpoint else install_drawing_models(comfy)
     print(f"demo: ComfyUI at {comfy}\ndemo: base checkpoint {models[0]}"
-          + ("" if real_checkpoint else " (the drawing base: it draws the synthetic world of scripts/drawing_world.py)"))
+          + ("" if real_checkpoint else " (the drawing base: it draws the world of scripts/drawing_world.py)"))
     expected, warnings = expected_node_ids(comfy)
     for warning in warnings:
         print(f"demo: warning: {warning}")

@@ -5,6 +5,7 @@ back by prefix. Used by the picture tests and `make demo`."""
 from __future__ import annotations
 
 import re
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ SEED = 1000
 """Seed of every batch (a new seed: the base was trained on noise, not on these)."""
 BATCH = 8
 """Pictures per case."""
+RESULT_PREFIX = f"pictures_{uuid.uuid4().hex[:6]}_"
+"""Starts the name of every run this test session trains (its results are removed after the session, and only
+its own: another session on the same ComfyUI keeps its files)."""
 QUIET = "[output]\ntensorboard = false\n[train]\nwarmup_steps = 0\n"
 """A Train node's `advanced` for the picture tests: no TensorBoard, no warm-up."""
 
@@ -77,6 +81,10 @@ def subject_folder(input_dir: Path, name: str, caption: str, count: int = 4) -> 
         world.SUBJECT.render().save(folder / f"subject_{index}.png")
         (folder / f"subject_{index}.txt").write_text(caption, encoding="utf-8")
     return folder
+
+
+def run_name(kind: str) -> str:
+    return f"{RESULT_PREFIX}{kind}_{uuid.uuid4().hex[:6]}"
 
 
 def draw_and_read(comfy, comfy_server, graph: Graph, timeout: float = 900) -> dict[str, list[Path]]:

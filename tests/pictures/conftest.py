@@ -17,13 +17,11 @@ def drawing_base(comfyui_dir: Path) -> str:
     return installed.relative_to(comfyui_dir / "models" / "checkpoints").as_posix()
 
 
-RESULT_PREFIX = "pictures_"
-"""Every run these tests train is named with it; its results are removed from ComfyUI's models folder after the
-session."""
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _remove_trained_results(comfyui_dir: Path):
+    """What this session trained leaves ComfyUI's models folder with the session."""
+    from tests.comfy.pictures import RESULT_PREFIX
+
     yield
     for folder in ("loras", "checkpoints", "embeddings", "controlnet"):
         for path in (comfyui_dir / "models" / folder).glob(f"{RESULT_PREFIX}*"):

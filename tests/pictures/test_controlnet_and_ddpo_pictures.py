@@ -3,10 +3,9 @@ The world, the base and the metrics are described in test_pictures.py."""
 
 from __future__ import annotations
 
-import uuid
 
 from scripts import drawing_world as world
-from tests.comfy.pictures import BATCH, QUIET, SEED, Graph, dataset, draw_and_read, report
+from tests.comfy.pictures import BATCH, QUIET, SEED, Graph, dataset, draw_and_read, report, run_name
 
 
 CONTROLNET_STEPS = 60
@@ -29,7 +28,7 @@ def test_trained_controlnet_puts_the_square_where_the_map_says(comfy, comfy_serv
     train = graph.add("FinetuneTrainControlNet", base_checkpoint=drawing_base,
                       dataset=dataset(graph, "pictures_controlnet"), preprocessor="canny", control_folder="",
                       steps=CONTROLNET_STEPS, resolution=world.SIZE, learning_rate=2e-3, batch_size=4, seed=0,
-                      name=f"pictures_controlnet_{uuid.uuid4().hex[:8]}", advanced=QUIET, optimizer="adamw")
+                      name=run_name("controlnet"), advanced=QUIET, optimizer="adamw")
     image = graph.link(graph.add("LoadImage", image="pictures_control_map.png"))
     prompt = "a red square on black"
     condition = graph.add("FinetuneControlNetCondition", positive=graph.encode(clip, prompt),
@@ -76,7 +75,7 @@ def test_ddpo_on_jpeg_compressibility_makes_smaller_pictures(comfy, comfy_server
     train = graph.add("FinetuneTrainDDPO", base_checkpoint=drawing_base, prompts="\n".join(DDPO_PROMPTS),
                       reward="jpeg_compressibility", steps=DDPO_EPOCHS, samples_per_epoch=8, sampling_steps=8,
                       guidance=5.0, resolution=DDPO_SIDE, rank=4, learning_rate=3e-3, batch_size=8, seed=0,
-                      name=f"pictures_ddpo_{uuid.uuid4().hex[:8]}", sample_prompts="", sample_every=0,
+                      name=run_name("ddpo"), sample_prompts="", sample_every=0,
                       advanced=QUIET + "[ddpo]\ninner_epochs = 1\n", optimizer="adamw", algorithm="lora")
     applied = graph.add("FinetuneApplyLoRA", model=model, clip=clip, lora_name="(none)", strength_model=1.0,
                         strength_clip=1.0, lora=graph.link(train))

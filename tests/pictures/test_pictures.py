@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import uuid
 
 from scripts import drawing_world as world
 from tests.comfy.client import image_paths
-from tests.comfy.pictures import BATCH, QUIET, SEED, Graph, dataset, draw_and_read, report, subject_folder
+from tests.comfy.pictures import (BATCH, QUIET, SEED, Graph, dataset, draw_and_read, report, run_name,
+                                  subject_folder)
 
 SUBJECT_CAPTION = "a photo of sks square"
 """How the subject's training pictures are captioned, and the prompt that asks for it."""
@@ -57,7 +57,7 @@ def test_lora_draws_the_subject_with_its_trigger_word(comfy, comfy_server, drawi
     model, clip, vae = graph.checkpoint(drawing_base)
     train = graph.add("FinetuneTrainLoRA", base_checkpoint=drawing_base, dataset=dataset(graph, "pictures_lora"),
                       method="LoRA", trigger_word="sks", class_noun="square", steps=120, learning_rate=1e-3,
-                      resolution=world.SIZE, rank=8, alpha=8.0, name=f"pictures_lora_{uuid.uuid4().hex[:8]}",
+                      resolution=world.SIZE, rank=8, alpha=8.0, name=run_name("lora"),
                       advanced=QUIET, algorithm="lora", **TRAIN_DEFAULTS)
     applied = graph.add("FinetuneApplyLoRA", model=model, clip=clip, lora_name="(none)", strength_model=1.0,
                         strength_clip=1.0, lora=graph.link(train))
@@ -82,7 +82,7 @@ def test_dreambooth_prior_preservation_keeps_the_class_pictures(comfy, comfy_ser
     for method, prefix in (("DreamBooth LoRA (prior preservation)", "prior"), ("LoRA", "no_prior")):
         train = graph.add("FinetuneTrainLoRA", base_checkpoint=drawing_base, dataset=images, method=method,
                           trigger_word="sks", class_noun="square", steps=120, learning_rate=1e-3,
-                          resolution=world.SIZE, rank=8, alpha=8.0, name=f"pictures_{prefix}_{uuid.uuid4().hex[:8]}",
+                          resolution=world.SIZE, rank=8, alpha=8.0, name=run_name(prefix),
                           advanced=QUIET + "[dreambooth]\nnum_class_images = 8\nclass_generation_steps = 20\n",
                           algorithm="lora", **TRAIN_DEFAULTS)
         applied = graph.add("FinetuneApplyLoRA", model=model, clip=clip, lora_name="(none)", strength_model=1.0,
@@ -108,7 +108,7 @@ def test_textual_inversion_embedding_draws_the_subject(comfy, comfy_server, draw
     train = graph.add("FinetuneTrainTextualInversion", base_checkpoint=drawing_base,
                       dataset=dataset(graph, "pictures_ti"), trigger_word="sks", initializer="square", num_vectors=2,
                       steps=80, resolution=world.SIZE, prompt_template="a photo of {embedding} square",
-                      learning_rate=5e-2, name=f"pictures_ti_{uuid.uuid4().hex[:8]}", advanced=QUIET,
+                      learning_rate=5e-2, name=run_name("ti"), advanced=QUIET,
                       **TRAIN_DEFAULTS)
     graph.draw(model, clip, vae, graph.link(train, 1), "ti_with", seed=SEED)
     graph.draw(model, clip, vae, SUBJECT_CAPTION, "ti_without", seed=SEED)
@@ -125,7 +125,7 @@ def test_full_finetune_checkpoint_draws_the_subject(comfy, comfy_server, drawing
     train = graph.add("FinetuneTrainCheckpoint", base_checkpoint=drawing_base, dataset=dataset(graph, "pictures_full"),
                       method="Full fine-tune", trigger_word="sks", class_noun="square", steps=100,
                       learning_rate=2e-4, resolution=world.SIZE, ema=False,
-                      name=f"pictures_full_{uuid.uuid4().hex[:8]}", advanced=QUIET, **TRAIN_DEFAULTS)
+                      name=run_name("full"), advanced=QUIET, **TRAIN_DEFAULTS)
     loader = graph.add("CheckpointLoaderSimple", ckpt_name=graph.link(train, 0))
     graph.draw(graph.link(loader, 0), graph.link(loader, 1), graph.link(loader, 2), SUBJECT_CAPTION, "full_with",
                seed=SEED)
@@ -145,7 +145,7 @@ def test_example_01_as_make_demo_runs_it_shows_the_subject_with_the_lora_only(co
 
     blip = tiny_models.install_into(comfyui_dir, families=())["blip"].name
     shutil.copytree(demo.WORLD.samples, comfy_server.input_dir / demo.WORLD.samples.name, dirs_exist_ok=True)
-    subject = dataclasses.replace(demo.WORLD, run_name=f"pictures_example_01_{uuid.uuid4().hex[:8]}")
+    subject = dataclasses.replace(demo.WORLD, run_name=run_name("example_01"))
     result = comfy.run(demo.demo_graph(comfy.object_info(), [drawing_base, blip], subject), timeout=900)
     assert result.status == "success", result.error
     counts = demo.subject_counts(image_paths(result, comfy_server.output_dir))
