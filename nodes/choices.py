@@ -38,4 +38,6 @@ def algorithm_input() -> io.Combo.Input:
     return io.Combo.Input("algorithm", options=list(ALGORITHMS), default=DEFAULT_ALGORITHM, optional=True,
                           tooltip="The adapter: lora (LoCon with [lora] targets = \"all\"); loha (LyCORIS Hadamard "
                                   "product: more detail at the same size); lokr (LyCORIS Kronecker product: very "
-                                  "small files; [lora] lokr_factor in `advanced`). All load in ComfyUI's Load LoRA.")
+                                  "small files; [lora] lokr_factor in `advanced`); dora (LoRA that also trains each "
+                                  "output row's magnitude: closer to a full fine-tune; loads exactly in ComfyUI and "
+                                  "Forge, not in AUTOMATIC1111). All load in ComfyUI's Load LoRA.")

@@ -263,6 +263,8 @@ def plan_for_config(cfg: Config, shape: ModelShape | None, *, budget: float | No
     (forced_on if t.optimizer == "adamw8bit" else forced_off).add("adamw8bit")  # the optimizer is the user's
     if t.gradient_accumulation != 1 or t.max_grad_norm != 0:
         forced_off.add("fused_backward")
+    if cfg.lora.algorithm == "dora":  # DoRA reads the base weights' norms in every step
+        forced_off.add("fp8_base")
     plan = plan_levers(shape, Setup.from_config(cfg), mode=t.memory, forced_on=forced_on, forced_off=forced_off,
                        available=available if available is not None else _available(), budget=budget,
                        budget_source=budget_source)

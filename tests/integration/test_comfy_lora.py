@@ -1,5 +1,5 @@
-"""ComfyUI loads our kohya LoRA files, and our LyCORIS LoHa and LoKr files: every key is used, and its patched UNet
-and CLIP compute what diffusers computes with the same adapter active.
+"""ComfyUI loads our kohya LoRA and DoRA files, and our LyCORIS LoHa and LoKr files: every key is used, and its
+patched UNet and CLIP compute what diffusers computes with the same adapter active.
 
 ComfyUI runs in this process through its own loaders (`comfy.sd.load_checkpoint_guess_config`,
 `comfy.sd.load_lora_for_models`), on the CPU and in fp32, on the tiny ComfyUI-loadable checkpoints of
@@ -84,6 +84,17 @@ def fp16_exact_random_lora(*modules: torch.nn.Module, seed: int = 0, scale: floa
                 p.copy_(p.half().float())
 
 
+def scale_magnitudes(*modules: torch.nn.Module, seed: int = 2) -> None:
+    """DoRA starts each output row's magnitude at the base weight's row norm: scaled by 1 +- 10% per row, the file
+    must carry the trained magnitudes, not only the direction."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for layer in lora_layers(module).values():
+                magnitude = layer.lora_magnitude_vector["default"].weight
+                magnitude.mul_(1 + 0.1 * torch.randn(magnitude.shape, generator=generator))
+
+
 @contextmanager
 def adapters_disabled(*modules: torch.nn.Module):
     for module in modules:
@@ -104,7 +115,7 @@ class Captured(logging.Handler):
         self.into.append(record.getMessage())
 
 
-CASES = [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"),
+CASES = [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"), ("sd1", "dora"),
          pytest.param(("sdxl", "lora"), marks=pytest.mark.slow), pytest.param(("sdxl", "lokr"), marks=pytest.mark.slow)]
 """Every algorithm on SD1.5; LoRA and LoKr on the tiny SDXL (last: it takes several GB, and is loaded once)."""
 _LOADED: dict[str, tuple] = {}
@@ -144,7 +155,9 @@ def case(request, tmp_path_factory):
     for text_encoder in base.text_encoders:
         add_text_encoder_lora(text_encoder, settings)
     # LoHa's and LoKr's zero-started factor multiplies other small factors: larger values make a visible change
-    fp16_exact_random_lora(base.unet, *base.text_encoders, scale=0.05 if algorithm == "lora" else 0.5)
+    fp16_exact_random_lora(base.unet, *base.text_encoders, scale=0.5 if algorithm in ("loha", "lokr") else 0.05)
+    if algorithm == "dora":
+        scale_magnitudes(base.unet, *base.text_encoders)
     state = kohya_lora_state(base.unet, base.text_encoders, te_prefixes=base.family.kohya_text_encoder_prefixes)
     lora_path = save_lora(tmp_path_factory.mktemp("lora") / f"{family}-{algorithm}.safetensors", state,
                           {"modelspec.title": f"{family} {algorithm} test"})
@@ -178,8 +191,9 @@ def test_comfyui_uses_every_key_of_the_file(case: Case):
     assert len(unet_modules) == len(lora_layers(case.base.unet))
     convolutions = [m for m in unet_modules if "resnets" in m and m.endswith(("_conv1", "_conv2"))]
     assert convolutions  # convolutions (LoCon, or LoHa/LoKr on convolutions) are in the file...
-    if case.algorithm == "lora":
+    if case.algorithm in ("lora", "dora"):
         assert all(lora[f"{m}.lora_down.weight"].shape[-1] == 3 for m in convolutions)
+    assert (case.algorithm == "dora") == all(f"{m}.dora_scale" in lora for m in modules)
     assert len(patches) == len(modules)  # ...and every module, UNet and text encoders, maps onto a weight
     patched = set(case.patched_model.patches) | set(case.patched_clip.patcher.patches)
     assert set(patches) <= patched
