@@ -119,6 +119,17 @@ CASES = [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"), ("sd1", "dora"),
          pytest.param(("sdxl", "lora"), marks=pytest.mark.slow), pytest.param(("sdxl", "lokr"), marks=pytest.mark.slow)]
 """Every algorithm on SD1.5; LoRA and LoKr on the tiny SDXL (last: it takes several GB, and is loaded once)."""
 _LOADED: dict[str, tuple] = {}
+_WITHOUT_ADAPTER: dict[tuple[str, str], object] = {}
+
+
+def without_adapter(case: Case, what: str, modules: tuple, compute):
+    """`compute()` with the adapter of `modules` disabled: the plain model's output, the same for every case of the
+    family (the inputs are seeded), so computed once per family."""
+    key = (case.family, what)
+    if key not in _WITHOUT_ADAPTER:
+        with adapters_disabled(*modules):
+            _WITHOUT_ADAPTER[key] = compute()
+    return _WITHOUT_ADAPTER[key]
 
 
 def loaded_models(comfy, family: str, checkpoint: Path) -> tuple:
@@ -215,10 +226,12 @@ def test_patched_unet_matches_diffusers_with_the_lora(case: Case):
         # ComfyUI's `y` is what diffusers feeds its add_embedding: pooled text and the embedded size/crop ids
         adm = {"y": torch.cat([text_embeds, unet.add_time_proj(time_ids.flatten()).reshape(1, -1)], dim=-1)}
 
+    def run_unet():
+        return unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
     with torch.no_grad():
-        expected = unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
-        with adapters_disabled(unet):
-            without_lora = unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        expected = run_unet()
+        without_lora = without_adapter(case, "unet", (unet,), run_unet)
         mm.load_models_gpu([case.patched_model])
         patched = case.patched_model.model.diffusion_model(latents, timesteps=timestep, context=context, **adm)
 
@@ -228,10 +241,12 @@ def test_patched_unet_matches_diffusers_with_the_lora(case: Case):
 
 def test_patched_clip_matches_diffusers_with_the_lora(case: Case):
     family, base = case.base.family, case.base
+    def encode():
+        return family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
+
     with torch.no_grad():
-        expected = family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
-        with adapters_disabled(*base.text_encoders):
-            without_lora = family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
+        expected = encode()
+        without_lora = without_adapter(case, "clip", tuple(base.text_encoders), encode)
         cond, pooled = case.patched_clip.encode_from_tokens(case.patched_clip.tokenize(PROMPT), return_pooled=True)
 
     assert cond.shape == expected.hidden_states.shape
