@@ -115,7 +115,8 @@ class LoraConfig:
     text_encoder_rank: int = 0
     """0 = same as rank."""
     format: Literal["kohya", "peft"] = "kohya"
-    """kohya (loads in ComfyUI, A1111, Forge) or peft (diffusers' `load_lora_weights`)."""
+    """kohya (loads in ComfyUI, A1111, Forge) or peft (diffusers' `load_lora_weights`; not for a DoRA with a trained
+    text encoder, whose magnitudes diffusers does not load back)."""
 
 
 @dataclass

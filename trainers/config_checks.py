@@ -93,6 +93,9 @@ def validate(cfg: Config) -> None:
            f"is for algorithms lora and dora, not {lo.algorithm}", "set lora.dropout to 0")
     _check(lo.lokr_factor == -1 or lo.lokr_factor >= 1, "lora.lokr_factor", f"must be -1 or at least 1, got "
            f"{lo.lokr_factor}", "use -1 (balanced), or e.g. 8")
+    _check(lo.format != "peft" or lo.algorithm != "dora" or not lo.train_text_encoder, "lora.format",
+           "diffusers' load_lora_weights does not load a DoRA text encoder's magnitudes back from the peft format",
+           "use format kohya (ComfyUI and Forge load it exactly), or train_text_encoder false")
     if db.enabled:
         _check(db.num_class_images >= 1 or not db.prior_preservation, "dreambooth.num_class_images",
                f"must be at least 1 with prior preservation, got {db.num_class_images}", "use e.g. 50-200")

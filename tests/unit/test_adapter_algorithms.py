@@ -123,6 +123,7 @@ def tiny_sd1_text_encoder():
     ({"lora": {"algorithm": "loha", "dropout": 0.1}}, "lora.dropout"),
     ({"lora": {"algorithm": "lokr", "lokr_factor": 0}}, "lora.lokr_factor"),
     ({"lora": {"algorithm": "dora"}, "train": {"fp8_base": "on"}}, "train.fp8_base"),
+    ({"lora": {"algorithm": "dora", "format": "peft", "train_text_encoder": True}}, "lora.format"),
 ])
 def test_bad_algorithm_settings_name_the_field(tmp_path, images, sections, field):
     with pytest.raises(ConfigError) as caught:
