@@ -19,7 +19,7 @@ Method = Literal["lora", "full", "textual_inversion", "controlnet", "ddpo"]
 METHODS: tuple[str, ...] = get_args(Method)
 METHODS_WITHOUT_IMAGES: tuple[str, ...] = ("ddpo",)
 """Methods that make their own training data (DDPO samples from the model) and need no image folder."""
-Optimizer = Literal["adamw", "adamw8bit", "prodigy", "schedulefree_adamw", "adafactor"]
+Optimizer = Literal["auto", "adamw", "adamw8bit", "prodigy", "schedulefree_adamw", "adafactor"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 Algorithm = Literal["lora", "loha", "lokr", "dora"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
@@ -235,8 +235,9 @@ class TrainConfig:
     constant_with_warmup (both mean the optimizer's own warmup of `warmup_steps`)."""
     warmup_steps: int = -1
     """-1 = 5% of the steps."""
-    optimizer: Optimizer = "adamw"
-    """adamw; adamw8bit (bitsandbytes, CUDA only: less memory); prodigy (prodigyopt: finds its own step size, no
+    optimizer: Optimizer = "auto"
+    """auto = adamw, or adamw8bit where `memory` needs its smaller state to fit (a CUDA GPU with bitsandbytes);
+    adamw; adamw8bit (bitsandbytes, CUDA only: less memory); prodigy (prodigyopt: finds its own step size, no
     learning rate to tune); schedulefree_adamw (schedulefree: no schedule to tune, samples and the result use its
     averaged weights); adafactor (factored second moments: a full fine-tune in less memory)."""
     weight_decay: float = 1e-2
