@@ -266,6 +266,10 @@ class TrainConfig:
     fused_backward: Literal["auto", "on", "off"] = "auto"
     """Full fine-tunes: step the optimizer for each weight as soon as its gradient is ready and free the gradient,
     so all gradients never exist at once. Needs gradient_accumulation 1 and max_grad_norm 0 (no global clipping)."""
+    offload_unet: bool = False
+    """Experimental (not yet proven on a GPU): keep the UNet's blocks in CPU memory and move each one to the GPU
+    just before it runs, the next one prefetched on a CUDA stream (diffusers' group offloading). Much less GPU memory
+    for the weights, slower steps; `memory` never turns it on by itself."""
     compile: bool = False
     """torch.compile the UNet's training forward: a minute or more of compiling at the start, then faster steps on a
     GPU (sample images use the uncompiled UNet)."""
