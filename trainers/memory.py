@@ -160,25 +160,32 @@ _PARAMS = {  # UNet, text encoders, VAE; LoRA parameters at rank 1 by targets (c
     "sdxl": (2567463684, 817720320, 83653863,
              {"attention": 1451520, "attention_ff": 2616320, "all_linear": 2695360, "all": 3074240}),
 }
-ACTIVATIONS: dict[str, dict[str, tuple[float, float]]] = {
+ACTIVATIONS: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "sd15": {"lora-nogc": (6107656, 284612.8, -6647280, 283919.1), "lora-gc": (63496, 53814.7, -12540400, 66953.6),
              "lora-nogc-fp8": (8007508, 249692.8, -5566628, 248359.1),
              "lora-gc-fp8": (131071316, 37209.7, 89747073, 50585.0),
+             "lora-gc-prior": (123660, 96117.3, -12480232, 109256.2),
+             "lora-gc-fp8-prior": (131131480, 64952.3, 89807241, 78327.6),
              "full-nogc": (1678773256, 308035.8, -815256597, 277857.7),
              "full-gc": (219982856, 55818.7, 72087527, 40004.1)},
     "sd21v": {"lora-nogc": (6107656, 273621.6, -7171568, 272940.2), "lora-gc": (63496, 43801.9, -13064688, 56879.3),
               "lora-nogc-fp8": (8007508, 248701.6, -6090916, 247380.2),
               "lora-gc-fp8": (1144148, 41161.9, -11984036, 53599.3),
+              "lora-gc-prior": (123660, 75451.8, -13004520, 88529.2),
+              "lora-gc-fp8-prior": (1204312, 68891.8, -11923868, 81329.2),
               "full-nogc": (1678773256, 307023.2, -1783589616, 305651.7),
               "full-gc": (219982856, 55781.2, -39133936, 43272.4)},
     "sdxl": {"lora-nogc": (39375472, 473680.5, -53521800, 472348.7), "lora-gc": (64112, 37644.0, -92837000, 44019.6),
              "lora-nogc-fp8": (49477884, 451912.5, -48949628, 449948.7),
              "lora-gc-fp8": (5284769, 35079.0, -88264828, 41459.6),
+             "lora-gc-prior": (116596, 70175.6, -92784512, 76551.2),
+             "lora-gc-fp8-prior": (5337253, 64410.6, -88212340, 70791.2),
              "full-nogc": (4442163320, 532688.1, -5827668360, 531941.6),
              "full-gc": (162434672, 43628.0, -117453338, 26823.0)},
 }
 """Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16, batch 1 and 8): the forward and the
-backward peak's (fixed bytes, bytes per latent pixel per sample) by method kind, checkpointing and fp8 weights."""
+backward peak's (fixed bytes, bytes per latent pixel per sample) by method kind, checkpointing, fp8 weights and
+prior preservation."""
 
 
 def known_shape(name: str) -> ModelShape:
