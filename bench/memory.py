@@ -1,15 +1,15 @@
 """Peak device memory of training, measured without a GPU, beside the planner's estimate and the goals.
 
     python bench/memory.py [--models sd15,sd21v,sdxl] [--batches 1,4,8] [--methods lora,dreambooth,full]
-                           [--levers none,gc,encoders,fp8,all] [--fit]
+                           [--levers none,gc,encoders,fp8,8bit,fused,all] [--fit] [--picks]
 
 Each row builds the full-size random-weight model on the meta device from the shipped configs and runs two
 training steps through the loop's own setup (`trainers.model_setup.setup_method`), optimizer and the method's loss
 under the memory instrument (`harness/memtrack.py`: MemTracker, CUDA-like autocast, flash-attention layout).
 bf16, LoRA rank 16 on attention, AdamW (8-bit where the lever says so). With CUDA, `measured` is the same step's
 `torch.cuda.max_memory_allocated` on the GPU. `--fit` measures batch 1 and 8 of each model and prints the
-activation table for `trainers/memory.py` (the estimate is never fitted to the H100 check points).
-Writes bench/results/memory.json.
+activation table for `trainers/memory.py` (the estimate is never fitted to the H100 check points). `--picks`
+prints what `train.memory = "auto"` picks per budget. Writes bench/results/memory.json.
 """
 
 from __future__ import annotations
