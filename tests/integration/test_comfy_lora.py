@@ -193,16 +193,17 @@ def test_comfyui_uses_every_key_of_a_lora_trained_with_the_memory_levers(tmp_pat
     """Parked encoders, fp8 frozen weights and gradient checkpointing change how the UNet is stored and run, not the
     names of what is exported (tests/unit/test_memory_levers.py compares each lever's file with the plain run's):
     one step with all three on the ComfyUI-loadable checkpoint gives a file ComfyUI uses every key of."""
-    from tests.unit.train_helpers import make_images
+    from tests.unit.train_helpers import make_images, one_torch_thread
     from trainers.config import Config
     from trainers.loop import train
 
     comfy, checkpoint = import_comfy(), tiny_models.comfy_checkpoint("sd1")
-    result = train(Config.from_dict({
-        "model": {"base": str(checkpoint)},
-        "data": {"folder": str(make_images(tmp_path / "images")), "resolution": 64, "buckets": False},
-        "train": {"steps": 1, "offload_encoders": "on", "fp8_base": "on", "gradient_checkpointing": True},
-        "lora": {"rank": 4, "alpha": 4}, "output": {"dir": str(tmp_path / "runs"), "tensorboard": False}}))
+    with contextmanager(one_torch_thread)():
+        result = train(Config.from_dict({
+            "model": {"base": str(checkpoint)},
+            "data": {"folder": str(make_images(tmp_path / "images")), "resolution": 64, "buckets": False},
+            "train": {"steps": 1, "offload_encoders": "on", "fp8_base": "on", "gradient_checkpointing": True},
+            "lora": {"rank": 4, "alpha": 4}, "output": {"dir": str(tmp_path / "runs"), "tensorboard": False}}))
     _, model, clip = loaded_models(comfy, "sd1", checkpoint)
     log: list[str] = []
     handler = Captured(log)

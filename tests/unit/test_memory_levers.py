@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 from test_resume import assert_same_curve, progress_losses
-from train_helpers import stop_then_resume, tiny_config
+from train_helpers import one_torch_thread, stop_then_resume, tiny_config
 
 STEPS, STOP_AT = 4, 2
 LEVERS = {"offload_encoders": {"offload_encoders": "on"}, "gradient_checkpointing": {"gradient_checkpointing": True},
@@ -18,6 +18,11 @@ FP8_TOLERANCE = 0.01
 """Relative, per step. e4m3 keeps 3 mantissa bits: each frozen weight is off by at most 1/16 of itself (one scale
 per output channel), and these errors are independent, so a layer's output moves by about 1/16 / sqrt(fan-in) of its
 size (under 1% for fan-in 64 and up); the loss, a mean over the whole output, moves less. Measured here: 0.2-0.4%; a scale 10% off gives 0.7-4%."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 def lever_config(tmp_path: Path, images: Path, name: str):
