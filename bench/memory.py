@@ -204,7 +204,7 @@ def _goal(row: dict) -> str:
 PICK_BUDGETS_GB = (4, 6, 8, 12, 16, 24, 80)
 _GC, _FP8 = ("gradient_checkpointing",), ("fp8_base",)
 FIT_ROWS = [("lora", ()), ("lora", _GC), ("lora", _FP8), ("lora", _FP8 + _GC), ("full", ()), ("full", _GC),
-            ("dreambooth", _GC), ("dreambooth", _FP8 + _GC)]
+            ("full", ("fused_backward",) + _GC), ("dreambooth", _GC), ("dreambooth", _FP8 + _GC)]
 """The rows `--fit` measures, one table entry each."""
 
 

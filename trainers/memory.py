@@ -87,22 +87,29 @@ class Setup:
 
 
 def activation_key(full: bool, levers: frozenset[str] | set[str], prior: bool = False) -> str:
-    """fp8 layers save less for backward than a plain convolution (no input): their own entry. Prior preservation
-    runs a second forward pass in the same graph: with checkpointing its own entry (both passes' checkpoints are kept
-    but only one block is recomputed at a time), otherwise the plain entry at twice the pixels."""
+    """fp8 layers save less for backward than a plain convolution (no input): their own entry. The fused backward
+    runs the optimizer inside backward: its own entry. Prior preservation runs a second forward pass in the same
+    graph: with checkpointing its own entry (both passes' checkpoints are kept but only one block is recomputed at a
+    time), otherwise the plain entry at twice the pixels."""
     key = f"{'full' if full else 'lora'}-{'gc' if 'gradient_checkpointing' in levers else 'nogc'}"
     key += "-fp8" if "fp8_base" in levers and not full else ""
+    key += "-fused" if "fused_backward" in levers and full else ""
     return key + "-prior" if prior and "gradient_checkpointing" in levers else key
 
 
 def activation_entry(shape: ModelShape, full: bool, levers: frozenset[str] | set[str],
                      prior: bool = False) -> tuple[tuple[float, ...], int]:
-    """The table entry and how many times the batch's pixels it is applied to."""
-    for key in dict.fromkeys((activation_key(full, levers, prior), activation_key(full, levers))):
-        for name in (key, key.replace("-fp8", "")):
-            if name in shape.activations:
-                return shape.activations[name], 2 if prior and not name.endswith("-prior") else 1
-    raise KeyError(activation_key(full, levers, prior))
+    """The table entry and how many times the batch's pixels it is applied to: the lever's own entry where the
+    table has one, else the nearest one without it."""
+    key = activation_key(full, levers, prior)
+    names = [key]
+    for suffix in ("-prior", "-fused", "-fp8"):
+        key = key.replace(suffix, "")
+        names.append(key)
+    name = next((n for n in names if n in shape.activations), None)
+    if name is None:
+        raise KeyError(names[0])
+    return shape.activations[name], 2 if prior and not name.endswith("-prior") else 1
 
 
 def estimate_bytes(shape: ModelShape, setup: Setup, levers: frozenset[str] | set[str] = frozenset()) -> dict[str, float]:
@@ -167,25 +174,28 @@ ACTIVATIONS: dict[str, dict[str, tuple[float, float, float, float]]] = {
              "lora-gc-prior": (123660, 96117.3, -12480232, 109256.2),
              "lora-gc-fp8-prior": (131131480, 64952.3, 89807241, 78327.6),
              "full-nogc": (1678773256, 308035.8, -815256597, 277857.7),
-             "full-gc": (219982856, 55818.7, 72087527, 40004.1)},
+             "full-gc": (219982856, 55818.7, 72087527, 40004.1),
+             "full-gc-fused": (219982856, 55818.7, 358604962, 64576.4)},
     "sd21v": {"lora-nogc": (6107656, 273621.6, -7171568, 272940.2), "lora-gc": (63496, 43801.9, -13064688, 56879.3),
               "lora-nogc-fp8": (8007508, 248701.6, -6090916, 247380.2),
               "lora-gc-fp8": (1144148, 41161.9, -11984036, 53599.3),
               "lora-gc-prior": (123660, 75451.8, -13004520, 88529.2),
               "lora-gc-fp8-prior": (1204312, 68891.8, -11923868, 81329.2),
               "full-nogc": (1678773256, 307023.2, -1783589616, 305651.7),
-              "full-gc": (219982856, 55781.2, -39133936, 43272.4)},
+              "full-gc": (219982856, 55781.2, -39133936, 43272.4),
+              "full-gc-fused": (219982856, 55781.2, 222850064, 68632.8)},
     "sdxl": {"lora-nogc": (39375472, 473680.5, -53521800, 472348.7), "lora-gc": (64112, 37644.0, -92837000, 44019.6),
              "lora-nogc-fp8": (49477884, 451912.5, -48949628, 449948.7),
              "lora-gc-fp8": (5284769, 35079.0, -88264828, 41459.6),
              "lora-gc-prior": (116596, 70175.6, -92784512, 76551.2),
              "lora-gc-fp8-prior": (5337253, 64410.6, -88212340, 70791.2),
              "full-nogc": (4442163320, 532688.1, -5827668360, 531941.6),
-             "full-gc": (162434672, 43628.0, -117453338, 26823.0)},
+             "full-gc": (162434672, 43628.0, -117453338, 26823.0),
+             "full-gc-fused": (162434672, 43628.0, 162434680, 54448.2)},
 }
 """Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16, batch 1 and 8): the forward and the
-backward peak's (fixed bytes, bytes per latent pixel per sample) by method kind, checkpointing, fp8 weights and
-prior preservation."""
+backward peak's (fixed bytes, bytes per latent pixel per sample) by method kind, checkpointing, fp8 weights, the
+fused backward and prior preservation."""
 
 
 def known_shape(name: str) -> ModelShape:
