@@ -269,7 +269,7 @@ class TrainConfig:
     offload_unet: bool = False
     """Experimental (not yet proven on a GPU): keep the UNet's blocks in CPU memory and move each one to the GPU
     just before it runs, the next one prefetched on a CUDA stream (diffusers' group offloading). Much less GPU memory
-    for the weights, slower steps; `memory` never turns it on by itself."""
+    for the weights, slower steps; `memory` never turns it on by itself. LoRA methods only (the UNet's own weights stay frozen)."""
     compile: bool = False
     """torch.compile the UNet's training forward: a minute or more of compiling at the start, then faster steps on a
     GPU (sample images use the uncompiled UNet)."""

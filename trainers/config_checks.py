@@ -77,6 +77,8 @@ def validate(cfg: Config) -> None:
     _check(t.fp8_base != "on" or lo.algorithm != "dora", "train.fp8_base",
            "DoRA reads the base weights' norms in every step, which fp8 storage would change",
            "set fp8_base off or auto, or choose another lora.algorithm")
+    _check(not t.offload_unet or t.method in FP8_METHODS, "train.offload_unet",
+           f"block offload is for the frozen UNet of LoRA methods, not {t.method}", "set offload_unet false")
     _check(t.fused_backward != "on" or (t.method == "full" and t.gradient_accumulation == 1 and t.max_grad_norm == 0),
            "train.fused_backward", "fused_backward steps each weight during backward: it needs method full, "
            "gradient_accumulation 1 and max_grad_norm 0", "set fused_backward off or auto, or change those settings")

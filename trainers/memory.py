@@ -113,7 +113,9 @@ def activation_entry(shape: ModelShape, full: bool, levers: frozenset[str] | set
 
 
 def estimate_bytes(shape: ModelShape, setup: Setup, levers: frozenset[str] | set[str] = frozenset()) -> dict[str, float]:
-    """Peak device bytes of a steady training step, by part; "total" is their sum."""
+    """Peak device bytes of a steady training step, by part: "static" sums the parameter terms (UNet, encoders,
+    adapters, optimizer states); "total" adds the higher of the forward activations and the gradients with the
+    backward activations."""
     full = setup.method == "full"
     unet_bytes = 4 if full else (1 if "fp8_base" in levers else setup.weight_bytes)
     trained = shape.unet_params if full else shape.lora_params_per_rank.get(setup.targets, 0) * setup.rank
