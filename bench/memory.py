@@ -1,15 +1,15 @@
 """Peak device memory of training, measured without a GPU, beside the planner's estimate and the goals.
 
     python bench/memory.py [--models sd15,sd21v,sdxl] [--batches 1,4,8] [--methods lora,dreambooth,full]
-                           [--levers none,gc,encoders,fp8,all] [--fit]
+                           [--levers none,gc,encoders,fp8,8bit,fused,all] [--fit] [--picks]
 
 Each row builds the full-size random-weight model on the meta device from the shipped configs and runs two
 training steps through the loop's own setup (`trainers.model_setup.setup_method`), optimizer and the method's loss
 under the memory instrument (`harness/memtrack.py`: MemTracker, CUDA-like autocast, flash-attention layout).
 bf16, LoRA rank 16 on attention, AdamW (8-bit where the lever says so). With CUDA, `measured` is the same step's
-`torch.cuda.max_memory_allocated` on the GPU. `--fit` measures batch 1 and 2 of each model and prints the
-activation table for `trainers/memory.py` (the estimate is never fitted to the H100 check points).
-Writes bench/results/memory.json.
+`torch.cuda.max_memory_allocated` on the GPU. `--fit` measures batch 1 and 8 of each model and prints the
+activation table for `trainers/memory.py` (the estimate is never fitted to the H100 check points). `--picks`
+prints what `train.memory = "auto"` picks per budget. Writes bench/results/memory.json.
 """
 
 from __future__ import annotations
@@ -31,8 +31,13 @@ LEVER_SETS = {"none": (), "gc": ("gradient_checkpointing",), "encoders": ("offlo
 H100_CHECKS = {("sd15", "lora", 1): 4.0, ("sd15", "lora", 8): 10.8, ("sdxl", "lora", 1): 14.3,
                ("sdxl", "lora", 8): 64.9}
 """GiB, H100, eager, bf16, rank 16, no gradient checkpointing: a check, never fitted to."""
-GOALS = {("sd15", "lora", 1, "lowest"): ("<= 3 GiB", 3.0), ("sdxl", "lora", 1, "no offload"): ("<= 8 GiB", 8.0),
-         ("sdxl", "full", 1, "lowest"): ("fits 24 GB", 24e9 / 2**30)}
+FIT_BATCHES = (1, 8)
+"""The table's two points: a step's peak is the higher of two lines in the batch (forward, backward), so a line
+through the ends of the range lies on or above it in between (the estimate errs on the safe side there)."""
+GOALS = {("sd15", "lora"): ("<= 3 GiB", 3.0), ("sdxl", "lora"): ("<= 8 GiB without UNet offload", 8.0),
+         ("sdxl", "full"): ("fits 24 GB (with the planner's margin)", 24.0)}
+"""At batch 1 with the lowest-memory levers (the `all` set; UNet block offload is not measured: no GPU run yet).
+A card's "24 GB" is 24 GiB; the margin is the one the planner keeps free."""
 
 
 def row_config(name: str, method: str, batch: int, levers: tuple[str, ...]):
@@ -57,23 +62,47 @@ def row_config(name: str, method: str, batch: int, levers: tuple[str, ...]):
 
 
 def measure_row(name: str, method: str, batch: int, levers: tuple[str, ...]) -> dict:
-    from gpu_speed import build_random_base
-
     from trainers.memory import Setup, estimate_bytes, known_shape
 
-    cfg = row_config(name, method, batch, levers)
-    family, resolution = MODELS[name]
     started = time.perf_counter()
-    base = build_random_base(family, tiny=False, dtype=torch.bfloat16, device="meta")
-    instrument = _with_8bit_stand_in(cfg, lambda: measure_training_peak(cfg, base, device="meta"))
+    cfg, instrument = instrument_row(name, method, batch, levers)
     active = _active_levers(cfg)
     shape = known_shape(name)
     estimate = estimate_bytes(shape, Setup.from_config(cfg), active)["total"] if shape.activations else float("nan")
-    return {"model": name, "resolution": resolution, "batch": batch, "method": method, "levers": sorted(active),
+    return {"model": name, "resolution": MODELS[name][1], "batch": batch, "method": method, "levers": sorted(active),
             "gradient_checkpointing": cfg.train.gradient_checkpointing, "offload": False,
             "estimate_gb": round(estimate / 2**30, 3), "instrument_gb": round(instrument.peak_bytes / 2**30, 3),
-            "measured_gb": None, "trainable_params": instrument.trainable_params,
+            "measured_gb": measured_on_cuda(name, cfg), "trainable_params": instrument.trainable_params,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def measured_on_cuda(name: str, cfg) -> float | None:
+    """`torch.cuda.max_memory_allocated` over the same steps on the GPU, in GiB (the model built on it, so the peak
+    counts only training); None without CUDA or when the row does not fit."""
+    if not torch.cuda.is_available():
+        return None
+    from gpu_speed import build_random_base
+
+    torch.cuda.empty_cache()
+    try:
+        base = build_random_base(MODELS[name][0], tiny=False, dtype=torch.bfloat16, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        measure_training_peak(cfg, base, device="cuda")
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        base = None
+        torch.cuda.empty_cache()
+
+
+def instrument_row(name: str, method: str, batch: int, levers: tuple[str, ...]):
+    """The row's config and the instrument's measure of it."""
+    from gpu_speed import build_random_base
+
+    cfg = row_config(name, method, batch, levers)
+    base = build_random_base(MODELS[name][0], tiny=False, dtype=torch.bfloat16, device="meta")
+    return cfg, _with_8bit_stand_in(cfg, lambda: measure_training_peak(cfg, base, device="meta"))
 
 
 def _active_levers(cfg) -> set[str]:
@@ -88,17 +117,18 @@ def _active_levers(cfg) -> set[str]:
 
 def _with_8bit_stand_in(cfg, run):
     """bitsandbytes' 8-bit Adam needs CUDA: on the meta device a stand-in holds its state (two uint8 tensors per
-    parameter, as bitsandbytes keeps, plus its small per-block scales, left out)."""
+    parameter, as bitsandbytes keeps, plus its small per-block scales, left out). It replaces the plain optimizer the
+    loop's `make_optimizer` builds, so that `fused_backward` still wraps it (one per parameter)."""
     if cfg.train.optimizer != "adamw8bit" or torch.cuda.is_available():
         return run()
-    import harness.memtrack as memtrack
+    import trainers.optimizers as optimizers
 
-    original = memtrack.make_optimizer
-    memtrack.make_optimizer = lambda cfg_, groups: _Adam8bitStandIn(groups)
+    original = optimizers._plain_optimizer
+    optimizers._plain_optimizer = lambda cfg_, groups: _Adam8bitStandIn(groups)
     try:
         return run()
     finally:
-        memtrack.make_optimizer = original
+        optimizers._plain_optimizer = original
 
 
 class _Adam8bitStandIn(torch.optim.Optimizer):
@@ -125,9 +155,12 @@ def main() -> int:
     parser.add_argument("--methods", default="lora,dreambooth,full")
     parser.add_argument("--levers", default="none,gc,all")
     parser.add_argument("--fit", action="store_true")
+    parser.add_argument("--picks", action="store_true", help="print what train.memory = auto picks per budget")
     args = parser.parse_args()
     if args.fit:
-        return fit()
+        return fit(args.models.split(","))
+    if args.picks:
+        return picks()
     rows = []
     for name in args.models.split(","):
         for method in args.methods.split(","):
@@ -136,8 +169,8 @@ def main() -> int:
                     row = measure_row(name, method, batch, LEVER_SETS[lever_set])
                     rows.append(row)
                     print(_line(row), flush=True)
-    print(table(["model", "px", "batch", "method", "levers", "estimate GiB", "instrument GiB", "deviation", "H100 GiB",
-                 "vs H100", "goal"], [_cells(r) for r in rows]))
+    print(table(["model", "px", "batch", "method", "levers", "estimate GiB", "instrument GiB", "measured GiB",
+                 "deviation", "H100 GiB", "vs H100", "goal"], [_cells(r) for r in rows]))
     save_results(RESULTS / "memory.json", {"rows": rows})
     worst = max(abs(r["estimate_gb"] / r["instrument_gb"] - 1) for r in rows)
     print(f"largest estimate deviation: {worst:.1%} (goal: within 10%)")
@@ -150,43 +183,70 @@ def _line(row: dict) -> str:
 
 def _cells(row: dict) -> list[str]:
     check = H100_CHECKS.get((row["model"], row["method"], row["batch"])) if not row["levers"] else None
-    goal = ""
-    if row["batch"] == 1 and set(row["levers"]) >= {"gradient_checkpointing", "offload_encoders"}:
-        key = (row["model"], row["method"], 1, "lowest")
-        if key in GOALS:
-            goal = f"{GOALS[key][0]}: {'met' if row['instrument_gb'] <= GOALS[key][1] else 'missed'}"
     return [row["model"], str(row["resolution"]), str(row["batch"]), row["method"], "+".join(row["levers"]) or "-",
             f"{row['estimate_gb']:.2f}", f"{row['instrument_gb']:.2f}",
+            "-" if row["measured_gb"] is None else f"{row['measured_gb']:.2f}",
             f"{row['estimate_gb'] / row['instrument_gb'] - 1:+.1%}", "-" if check is None else f"{check:.1f}",
-            "-" if check is None else f"{row['instrument_gb'] / check - 1:+.0%}", goal]
+            "-" if check is None else f"{row['instrument_gb'] / check - 1:+.0%}", _goal(row)]
 
 
-def fit() -> int:
-    """The activation table of trainers/memory.py: for each model, method kind and checkpointing, the residual
-    (instrument minus the estimate's parameter terms) at batch 1 and 2 gives a fixed part and a part per pixel."""
-    import dataclasses
+def _goal(row: dict) -> str:
+    from trainers.memory import GIB, with_margin
 
-    from trainers.memory import Setup, activation_key, estimate_bytes, known_shape
+    goal = GOALS.get((row["model"], row["method"]))
+    if goal is None or row["batch"] != 1 or not set(row["levers"]) >= {"gradient_checkpointing", "offload_encoders"}:
+        return ""
+    text, limit = goal
+    need = with_margin(row["instrument_gb"] * GIB) / GIB if row["method"] == "full" else row["instrument_gb"]
+    return f"{text}: {'met' if need <= limit else 'missed'}"
 
-    no_activations = {f"{k}-{g}": (0.0, 0.0) for k in ("lora", "full") for g in ("gc", "nogc")}
-    no_activations.update({f"lora-{g}-fp8": (0.0, 0.0) for g in ("gc", "nogc")})
-    for name in MODELS:
+
+PICK_BUDGETS_GB = (4, 6, 8, 12, 16, 24, 80)
+_GC, _FP8 = ("gradient_checkpointing",), ("fp8_base",)
+FIT_ROWS = [("lora", ()), ("lora", _GC), ("lora", _FP8), ("lora", _FP8 + _GC), ("full", ()), ("full", _GC),
+            ("full", ("fused_backward",) + _GC), ("dreambooth", _GC), ("dreambooth", _FP8 + _GC)]
+"""The rows `--fit` measures, one table entry each."""
+
+
+def picks() -> int:
+    """The auto plan of a LoRA at batch 1 (rank 16, bf16, `optimizer = "auto"`) per budget, with bitsandbytes on a
+    CUDA GPU (8-bit Adam is a choice) and without it, as a markdown table for bench/README.md."""
+    from trainers.errors import ConfigError
+    from trainers.memory import GIB, Setup, known_shape, plan_levers, with_margin
+
+    print("| model (LoRA, batch 1) | budget GB | 8-bit Adam available | pick | estimate GiB | + margin GiB |")
+    print("| --- | ---: | --- | --- | ---: | ---: |")
+    for name in ("sd15", "sdxl"):
+        setup = Setup("lora", 1, MODELS[name][1], 2)
+        for budget in PICK_BUDGETS_GB:
+            for available in ({"adamw8bit"}, set()):
+                try:
+                    plan = plan_levers(known_shape(name), setup, mode="auto", forced_on=set(), forced_off=set(),
+                                       available=available, budget=budget * GIB, budget_source="bench")
+                    cells = [", ".join(plan.levers) or "none", f"{plan.estimate_bytes / GIB:.2f}",
+                             f"{with_margin(plan.estimate_bytes) / GIB:.2f}"]
+                except ConfigError as exc:
+                    cells = [f"nothing fits ({exc.problem.split(', but')[0]})", "-", "-"]
+                print(f"| {name} | {budget} | {'yes' if available else 'no'} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def fit(models: list[str]) -> int:
+    """The activation table of trainers/memory.py: for each model, method kind and checkpointing, the forward and
+    backward peaks above the estimate's parameter terms at `FIT_BATCHES` give a fixed part and a part per pixel."""
+    from trainers.memory import Setup, activation_key, fit_activation_entry, fit_point, known_shape
+
+    for name in models:
         entries = {}
-        for method in ("lora", "full"):
-            for levers in ((), ("gradient_checkpointing",), ("fp8_base",), ("fp8_base", "gradient_checkpointing")):
-                if method == "full" and "fp8_base" in levers:
-                    continue
-                residual = []
-                for batch in (1, 2):
-                    row = measure_row(name, method, batch, levers)
-                    cfg = row_config(name, method, batch, levers)
-                    shape = dataclasses.replace(known_shape(name), activations=no_activations)
-                    static = estimate_bytes(shape, Setup.from_config(cfg), set(levers))
-                    residual.append(row["instrument_gb"] * 2**30 - (static["total"] - static["activations"]))
-                side = MODELS[name][1] // 8
-                per_pixel = (residual[1] - residual[0]) / side**2
-                entries[activation_key(method == "full", set(levers))] = (round(residual[0] - per_pixel * side**2),
-                                                                           round(per_pixel, 1))
+        for method, levers in FIT_ROWS:
+            points = []
+            for batch in FIT_BATCHES:
+                cfg, measured = instrument_row(name, method, batch, levers)
+                setup = Setup.from_config(cfg)
+                points.append(fit_point(known_shape(name), setup, set(levers), measured.forward_bytes,
+                                        measured.backward_bytes))
+            entries[activation_key(method == "full", set(levers), setup.prior_preservation)] = \
+                fit_activation_entry(points)
         print(f"{name}: {entries}", flush=True)
     return 0
 

@@ -1,7 +1,7 @@
 """Training speed and memory on a CPU, side by side: our trainer with and without caching, and ComfyUI's native
 `TrainLoraNode` through a real ComfyUI server, on the same tiny SD1.5, images, steps, rank, learning rate and batch.
 
-    python bench/train_speed.py [--steps 28] [--warmup 8] [--repeats 2] [--threads auto] [--algorithms loha,lokr]
+    python bench/train_speed.py [--steps 28] [--warmup 8] [--repeats 2] [--threads auto] [--algorithms loha,lokr,dora]
                                 [--profile]
 
 The variants run interleaved (their order rotates every repeat) so that a busy machine slows them alike; each
@@ -229,8 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the native node's gradient_checkpointing input (default on, the node's default)")
     parser.add_argument("--skip-native", action="store_true", help="only our two variants (no ComfyUI server)")
     parser.add_argument("--profile", action="store_true", help="profile our cached trainer even when the goal is met")
-    parser.add_argument("--algorithms", default="loha,lokr", type=lambda text: [a for a in text.split(",") if a],
-                        help="adapter algorithms measured beside LoRA, cached (default loha,lokr; empty for none)")
+    parser.add_argument("--algorithms", default="loha,lokr,dora", type=lambda text: [a for a in text.split(",") if a],
+                        help="adapter algorithms measured beside LoRA, cached (default loha,lokr,dora; empty for none)")
     return parser.parse_args(argv)
 
 

@@ -31,8 +31,8 @@ class ApplyLoRA(io.ComfyNode):
             display_name="Apply LoRA",
             category="finetune/generate",
             description="Applies a LoRA to the model and its text encoder, like Load LoRA (chain several to stack "
-                        "them), after checking that it was made for this model family. LoRA, LoCon, LoHa and LoKr files "
-                        "all apply. The report says which kind it is and how many layers it changed.",
+                        "them), after checking that it was made for this model family. LoRA, LoCon, LoHa, LoKr and "
+                        "DoRA files all apply. The report says which kind it is and how many layers it changed.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to."),
                 io.Clip.Input("clip", tooltip="The text encoder (CLIP) to apply the LoRA to."),
@@ -51,7 +51,7 @@ class ApplyLoRA(io.ComfyNode):
                                 tooltip="The diffusion model with the LoRA applied."),
                 io.Clip.Output("lora_clip", display_name="clip", tooltip="The text encoder with the LoRA applied."),
                 io.String.Output("report", display_name="report",
-                                 tooltip="Which LoRA, its family and kind (LoRA, LoHa or LoKr), and how many of "
+                                 tooltip="Which LoRA, its family and kind (LoRA, LoHa, LoKr or DoRA), and how many of "
                                          "its layers were applied to the model and to the text encoder."),
             ],
         )

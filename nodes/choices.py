@@ -7,9 +7,10 @@ from comfy_api.v0_0_2 import io
 
 from ..trainers.config import ALGORITHMS, OPTIMIZERS
 
-DEFAULT_OPTIMIZER = "adamw"
+DEFAULT_OPTIMIZER = "auto"
 """What a graph saved before the `optimizer` input existed trains with (the input is optional for that reason)."""
 OPTIMIZER_TIPS = {
+    "auto": "AdamW, or 8-bit AdamW where the memory plan needs it to fit the GPU (bitsandbytes installed)",
     "adamw": "AdamW, the usual choice",
     "adamw8bit": "AdamW with 8-bit state (bitsandbytes, NVIDIA GPUs): less memory",
     "prodigy": "Prodigy finds its own step size: leave learning_rate at 0",
@@ -38,4 +39,6 @@ def algorithm_input() -> io.Combo.Input:
     return io.Combo.Input("algorithm", options=list(ALGORITHMS), default=DEFAULT_ALGORITHM, optional=True,
                           tooltip="The adapter: lora (LoCon with [lora] targets = \"all\"); loha (LyCORIS Hadamard "
                                   "product: more detail at the same size); lokr (LyCORIS Kronecker product: very "
-                                  "small files; [lora] lokr_factor in `advanced`). All load in ComfyUI's Load LoRA.")
+                                  "small files; [lora] lokr_factor in `advanced`); dora (LoRA that also trains each "
+                                  "output row's magnitude: closer to a full fine-tune; loads exactly in ComfyUI and "
+                                  "Forge, not in AUTOMATIC1111). All load in ComfyUI's Load LoRA.")

@@ -2,8 +2,8 @@
 # The integration and browser tests against the newest ComfyUI: the source archive beside the clone
 # (../shared/comfyui/ComfyUI-<version>-src.tar.gz), in its own host folder and environment built by
 # `scripts/setup.sh --newest`. Without the archive it says so loudly and exits 0. Extra arguments go to pytest
-# (default: tests/integration tests/browser without the tests marked slow: the tiny SD2/SDXL loads, which the
-# first leg runs; this keeps the second leg within its share of the CI time).
+# (default: tests/integration tests/browser without the tests marked slow: the tiny SD2/SDXL loads and example 7,
+# which the first leg runs; this keeps the second leg within its share of the CI time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 built=$(bash scripts/setup.sh --newest)

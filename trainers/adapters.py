@@ -1,4 +1,4 @@
-"""Trainable adapters on the UNet and the text encoders, injected with peft: LoRA, LoHa and LoKr.
+"""Trainable adapters on the UNet and the text encoders, injected with peft: LoRA, LoHa, LoKr and DoRA.
 
 peft scales a LoRA as `W x + (lora_alpha / r) * B(A(x))`, starts `A` random (Kaiming-uniform) and `B` at zero:
 the same scale and the same start as kohya's `lora_down`/`lora_up`, so its weights export to kohya's layout as they are.
@@ -7,8 +7,12 @@ LoHa and LoKr come from peft too, not from lycoris-lora: peft's layers live insi
 accelerate, checkpoints, resume and gradient sync treat all three alike, while lycoris-lora hooks the forward of
 modules from a network object outside the model. peft's LoHa and LoKr weights are LyCORIS's own (`hada_w1_a`...,
 `lokr_w1`...), with the same alpha / rank scale, so the export writes them under LyCORIS's names as they are
-(export/lora.py). peft's DoRA is not offered: it normalises each output row, while ComfyUI and AUTOMATIC1111 read
-`dora_scale` per input column (ComfyUI's per-row path divides by the base weight's norm), so no file could load exactly.
+(export/lora.py).
+
+DoRA is peft's LoRA with `use_dora`: `W' = m * (W + dW) / ||W + dW||`, the norm per output row and treated as a
+constant in backward (the DoRA paper's section 4.3), `m` (one value per output row) trained beside the LoRA. ComfyUI
+and Forge read a `dora_scale` of one value per output row as that magnitude but divide by the base weight's row norm
+`||W||`; the export converts (export/lora.py), so the file loads as exactly what was trained.
 """
 
 from __future__ import annotations
@@ -84,18 +88,21 @@ def adapter_config(cfg: LoraConfig, rank: int, alpha: float, names: list[str], *
     if cfg.algorithm == "lokr":
         return LoKrConfig(alpha=alpha, decompose_factor=cfg.lokr_factor, decompose_both=False,
                           use_effective_conv2d=False, init_weights=True, **common)
-    return PeftLoraConfig(lora_alpha=alpha, lora_dropout=cfg.dropout, init_lora_weights=True, **common)
+    return PeftLoraConfig(lora_alpha=alpha, lora_dropout=cfg.dropout, init_lora_weights=True,
+                          use_dora=cfg.algorithm == "dora", **common)
 
 
 def lora_layers(module: torch.nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer | LycorisLayer]:
-    """The adapted layers of `module` (LoRA, LoHa or LoKr) that carry `adapter_name`, by their module path."""
+    """The adapted layers of `module` (LoRA, LoHa, LoKr or DoRA) that carry `adapter_name`, by their module path."""
     return {name: layer for name, layer in module.named_modules() if _carries(layer, adapter_name)}
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Every adapter weight in `module` (all adapters), for the optimizer."""
-    return [p for layer in module.modules() if isinstance(layer, (LoraLayer, LycorisLayer))
-            for attribute in layer.adapter_layer_names for p in getattr(layer, attribute).parameters()]
+    """Every adapter weight in `module` (all adapters), each once, for the optimizer (peft lists a DoRA layer's
+    `lora_magnitude_vector` twice in its `adapter_layer_names`)."""
+    weights = [p for layer in module.modules() if isinstance(layer, (LoraLayer, LycorisLayer))
+               for attribute in layer.adapter_layer_names for p in getattr(layer, attribute).parameters()]
+    return list({id(p): p for p in weights}.values())
 
 
 def lora_state(module: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -19,9 +19,9 @@ Method = Literal["lora", "full", "textual_inversion", "controlnet", "ddpo"]
 METHODS: tuple[str, ...] = get_args(Method)
 METHODS_WITHOUT_IMAGES: tuple[str, ...] = ("ddpo",)
 """Methods that make their own training data (DDPO samples from the model) and need no image folder."""
-Optimizer = Literal["adamw", "adamw8bit", "prodigy", "schedulefree_adamw", "adafactor"]
+Optimizer = Literal["auto", "adamw", "adamw8bit", "prodigy", "schedulefree_adamw", "adafactor"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
-Algorithm = Literal["lora", "loha", "lokr"]
+Algorithm = Literal["lora", "loha", "lokr", "dora"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 
 
@@ -90,7 +90,9 @@ class LoraConfig:
     algorithm: Algorithm = "lora"
     """The adapter: lora (low-rank update; with targets = all also on convolutions: LoCon), loha (LyCORIS's
     Hadamard product of two low-rank pairs: more expressive at the same size), lokr (LyCORIS's Kronecker product:
-    very small files). All are written in the kohya/LyCORIS layout that ComfyUI, A1111 and Forge load."""
+    very small files), dora (LoRA with the weight split into magnitude and direction, each row's magnitude trained
+    too). LoRA, LoHa and LoKr are written in the kohya/LyCORIS layout that ComfyUI, A1111 and Forge load; DoRA
+    adds `dora_scale` per output row, as ComfyUI and Forge read it."""
     rank: int = 16
     """Adapter rank (dimension): 4-16 for a subject, 32-128 for a style (LoHa: half of a LoRA's rank is as big)."""
     alpha: float = 16.0
@@ -104,7 +106,7 @@ class LoraConfig:
     conv_alpha: float = 8.0
     """Alpha of the conv layers' LoRA."""
     dropout: float = 0.0
-    """Dropout on the LoRA path, 0-1 (algorithm lora only)."""
+    """Dropout on the LoRA path, 0-1 (algorithms lora and dora only)."""
     lokr_factor: int = -1
     """LoKr: the size of the Kronecker product's first (small) factor per side; -1 = the most balanced split of
     each layer's width (LyCORIS's default); e.g. 8 or 16 for smaller files."""
@@ -113,7 +115,8 @@ class LoraConfig:
     text_encoder_rank: int = 0
     """0 = same as rank."""
     format: Literal["kohya", "peft"] = "kohya"
-    """kohya (loads in ComfyUI, A1111, Forge) or peft (diffusers' `load_lora_weights`)."""
+    """kohya (loads in ComfyUI, A1111, Forge) or peft (diffusers' `load_lora_weights`; not for a DoRA with a trained
+    text encoder, whose magnitudes diffusers does not load back)."""
 
 
 @dataclass
@@ -232,8 +235,9 @@ class TrainConfig:
     constant_with_warmup (both mean the optimizer's own warmup of `warmup_steps`)."""
     warmup_steps: int = -1
     """-1 = 5% of the steps."""
-    optimizer: Optimizer = "adamw"
-    """adamw; adamw8bit (bitsandbytes, CUDA only: less memory); prodigy (prodigyopt: finds its own step size, no
+    optimizer: Optimizer = "auto"
+    """auto = adamw, or adamw8bit where `memory` needs its smaller state to fit (a CUDA GPU with bitsandbytes);
+    adamw; adamw8bit (bitsandbytes, CUDA only: less memory); prodigy (prodigyopt: finds its own step size, no
     learning rate to tune); schedulefree_adamw (schedulefree: no schedule to tune, samples and the result use its
     averaged weights); adafactor (factored second moments: a full fine-tune in less memory)."""
     weight_decay: float = 1e-2
@@ -257,10 +261,15 @@ class TrainConfig:
     are cached) and for sample images. Not with a trained text encoder."""
     fp8_base: Literal["auto", "on", "off"] = "auto"
     """Store the frozen UNet's linear and convolution weights in float8 (one scale per output channel), upcast layer
-    by layer for compute: half the UNet's memory in bf16. LoRA methods only; LoRA weights stay fp32."""
+    by layer for compute: half the UNet's memory in bf16. LoRA methods only, not with lora.algorithm dora (it reads
+    the base weights' norms); LoRA weights stay fp32."""
     fused_backward: Literal["auto", "on", "off"] = "auto"
     """Full fine-tunes: step the optimizer for each weight as soon as its gradient is ready and free the gradient,
     so all gradients never exist at once. Needs gradient_accumulation 1 and max_grad_norm 0 (no global clipping)."""
+    offload_unet: bool = False
+    """Experimental (not yet proven on a GPU): keep the UNet's blocks in CPU memory and move each one to the GPU
+    just before it runs, the next one prefetched on a CUDA stream (diffusers' group offloading). Much less GPU memory
+    for the weights, slower steps; `memory` never turns it on by itself. LoRA methods only (the UNet's own weights stay frozen)."""
     compile: bool = False
     """torch.compile the UNet's training forward: a minute or more of compiling at the start, then faster steps on a
     GPU (sample images use the uncompiled UNet)."""

@@ -75,6 +75,11 @@ def validate(cfg: Config) -> None:
            f"must not be negative, got {t.memory_budget_gb}", "use e.g. 12, or 0 for the GPU's free memory")
     _check(t.fp8_base != "on" or t.method in FP8_METHODS, "train.fp8_base",
            f"fp8 base weights are for the frozen UNet of LoRA methods, not {t.method}", "set fp8_base off or auto")
+    _check(t.fp8_base != "on" or lo.algorithm != "dora", "train.fp8_base",
+           "DoRA reads the base weights' norms in every step, which fp8 storage would change",
+           "set fp8_base off or auto, or choose another lora.algorithm")
+    _check(not t.offload_unet or t.method in FP8_METHODS, "train.offload_unet",
+           f"block offload is for the frozen UNet of LoRA methods, not {t.method}", "set offload_unet false")
     _check(t.fused_backward != "on" or (t.method == "full" and t.gradient_accumulation == 1 and t.max_grad_norm == 0),
            "train.fused_backward", "fused_backward steps each weight during backward: it needs method full, "
            "gradient_accumulation 1 and max_grad_norm 0", "set fused_backward off or auto, or change those settings")
@@ -87,10 +92,13 @@ def validate(cfg: Config) -> None:
     _check(lo.conv_alpha > 0, "lora.conv_alpha", f"must be positive, got {lo.conv_alpha}", "use e.g. 8")
     _check(lo.text_encoder_rank >= 0, "lora.text_encoder_rank", f"must not be negative, got {lo.text_encoder_rank}", "use 0 for the UNet rank")
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}", "use 0 or e.g. 0.1")
-    _check(lo.dropout == 0 or lo.algorithm == "lora", "lora.dropout", f"is for algorithm lora, not {lo.algorithm}",
-           "set lora.dropout to 0")
+    _check(lo.dropout == 0 or lo.algorithm in ("lora", "dora"), "lora.dropout",
+           f"is for algorithms lora and dora, not {lo.algorithm}", "set lora.dropout to 0")
     _check(lo.lokr_factor == -1 or lo.lokr_factor >= 1, "lora.lokr_factor", f"must be -1 or at least 1, got "
            f"{lo.lokr_factor}", "use -1 (balanced), or e.g. 8")
+    _check(lo.format != "peft" or lo.algorithm != "dora" or not lo.train_text_encoder, "lora.format",
+           "diffusers' load_lora_weights does not load a DoRA text encoder's magnitudes back from the peft format",
+           "use format kohya (ComfyUI and Forge load it exactly), or train_text_encoder false")
     if db.enabled:
         _check(db.num_class_images >= 1 or not db.prior_preservation, "dreambooth.num_class_images",
                f"must be at least 1 with prior preservation, got {db.num_class_images}", "use e.g. 50-200")

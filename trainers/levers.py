@@ -4,6 +4,8 @@
   first epoch, until latents and embeddings are cached) and to sample images.
 - `fp8_base`: the frozen UNet's linear and convolution weights are stored in float8 (e4m3, one scale per output
   channel) and upcast layer by layer for compute; LoRA weights stay fp32.
+- `offload_unet` (experimental until a GPU run proves it trains): the UNet's blocks live in CPU memory and each
+  visits the device for its own forward and backward, by diffusers' group offloading.
 - `fused_backward` (full fine-tunes): each parameter's optimizer step runs as soon as its gradient is complete, and
   the gradient is freed at once, so the gradients of the whole UNet never exist together.
 """
@@ -29,6 +31,17 @@ def apply_levers(cfg: Config, method: Any, device: torch.device) -> None:
         park_encoders(method.base)
     if t.fp8_base == "on":
         store_frozen_weights_in_fp8(method.base.unet)
+    if t.offload_unet:
+        offload_unet_blocks(method.base.unet, device)
+
+
+def offload_unet_blocks(unet: torch.nn.Module, device: torch.device) -> None:
+    """diffusers' group offloading, one block per group: a hook moves each block's weights to `device` before its
+    forward and back to CPU memory after; on CUDA the next block is copied on a side stream while one computes.
+    The hooks move weights by assigning `param.data`, which autograd can see in backward (as with layerwise casting,
+    see `_Fp8Layer`): the reason this stays experimental until a GPU run shows LoRA training with it."""
+    unet.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                              num_blocks_per_group=1, use_stream=device.type == "cuda")
 
 
 # ---- encoders off the device -----------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Device memory of a training run, in seconds: an analytic estimate and the planner that picks memory levers.
 
 The estimate is parameters x bytes for weights, gradients and optimizer states, plus activations from a per-model
-table: a fixed part and a part per latent pixel per sample, measured by the memory instrument (`bench/memory.py`,
-which runs real training steps through the loop's code on the meta device) for each model, method kind and
-gradient checkpointing. The planner enumerates the combinations of levers the user left at auto and keeps the
+table measured by the memory instrument (`bench/memory.py`, which runs real training steps through the loop's code
+on the meta device) for each model, method kind and gradient checkpointing. A step peaks either at the end of the
+forward pass (every activation saved for backward, no gradient yet) or late in backward (most gradients made, a few
+activations left): the table holds both, each as a fixed part and a part per latent pixel per sample, and the
+estimate takes the higher. The planner enumerates the combinations of levers the user left at auto and keeps the
 fastest whose estimate plus a margin fits the budget.
 """
 
@@ -22,10 +24,11 @@ from .runfolder import read_safetensors_header
 
 GIB = 2**30
 LEVERS = ("adamw8bit", "fused_backward", "offload_encoders", "fp8_base", "gradient_checkpointing")
-LEVER_SLOWDOWN = {"adamw8bit": 1.0, "fused_backward": 1.0, "offload_encoders": 1.01, "fp8_base": 1.15,
+LEVER_SLOWDOWN = {"adamw8bit": 1.02, "fused_backward": 1.0, "offload_encoders": 1.01, "fp8_base": 1.15,
                   "gradient_checkpointing": 1.35}
-"""Assumed step time with each lever, relative to none (not yet measured on a GPU): 8-bit Adam and the fused
-backward change only the optimizer's arithmetic, parked encoders cost a transfer per encoding (first epoch only),
+"""Assumed step time with each lever, relative to none (not yet measured on a GPU): 8-bit Adam's step is a little
+slower than fused AdamW's and rounds its state (so it is picked only where it is needed to fit), the fused backward
+changes only when the optimizer runs, parked encoders cost a transfer per encoding (first epoch only),
 fp8 weights an upcast per layer, checkpointing a second forward of most of the UNet."""
 MARGIN_FRACTION, MARGIN_BYTES = 0.10, 0.5 * GIB
 """Kept free beside the estimate: the allocator's fragmentation, cuDNN workspaces, kernels' scratch."""
@@ -41,16 +44,16 @@ class ModelShape:
     vae_params: int
     lora_params_per_rank: dict[str, int]
     """LoRA parameters at rank 1, by `lora.targets`."""
-    activations: dict[str, tuple[float, float]]
-    """By `activation_key` ("lora-gc", "lora-nogc-fp8", ...): (fixed bytes, bytes per latent pixel per sample), at
-    16-bit activations."""
+    activations: dict[str, tuple[float, float, float, float]]
+    """By `activation_key` ("lora-gc", "lora-nogc-fp8", ...), at 16-bit activations: the forward peak's fixed bytes
+    and bytes per latent pixel per sample, then the same for the backward peak beyond the gradients."""
 
     def scaled(self, unet_params: int, text_params: int, vae_params: int) -> "ModelShape":
         """The same family with another UNet size: LoRA and activations in proportion (a rough guess)."""
         k = unet_params / self.unet_params
         return ModelShape(f"{self.name}-like", unet_params, text_params, vae_params,
                           {t: round(n * k) for t, n in self.lora_params_per_rank.items()},
-                          {key: (a * k, b * k) for key, (a, b) in self.activations.items()})
+                          {key: tuple(v * k for v in entry) for key, entry in self.activations.items()})
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class Setup:
     ema: bool = False
     train_text_encoder: bool = False
 
+    @property
+    def latent_pixels(self) -> int:
+        """Latent pixels of the batch (prior preservation runs the class images' batch of the same size too)."""
+        return (self.resolution // 8) ** 2 * self.batch
+
     @classmethod
     def from_config(cls, cfg: Config, *, on_gpu: bool = True) -> "Setup":
         t = cfg.train
@@ -78,19 +86,36 @@ class Setup:
                    cfg.full.train_text_encoder if full else cfg.lora.train_text_encoder and t.method == "lora")
 
 
-def activation_key(full: bool, levers: frozenset[str] | set[str]) -> str:
-    """fp8 layers save less for backward than a plain convolution (no input): their own entry."""
+def activation_key(full: bool, levers: frozenset[str] | set[str], prior: bool = False) -> str:
+    """fp8 layers save less for backward than a plain convolution (no input): their own entry. The fused backward
+    runs the optimizer inside backward: its own entry. Prior preservation runs a second forward pass in the same
+    graph: with checkpointing its own entry (both passes' checkpoints are kept but only one block is recomputed at a
+    time), otherwise the plain entry at twice the pixels."""
     key = f"{'full' if full else 'lora'}-{'gc' if 'gradient_checkpointing' in levers else 'nogc'}"
-    return key + "-fp8" if "fp8_base" in levers and not full else key
+    key += "-fp8" if "fp8_base" in levers and not full else ""
+    key += "-fused" if "fused_backward" in levers and full else ""
+    return key + "-prior" if prior and "gradient_checkpointing" in levers else key
 
 
-def activation_entry(shape: ModelShape, full: bool, levers: frozenset[str] | set[str]) -> tuple[float, float]:
-    key = activation_key(full, levers)
-    return shape.activations.get(key) or shape.activations[key.removesuffix("-fp8")]
+def activation_entry(shape: ModelShape, full: bool, levers: frozenset[str] | set[str],
+                     prior: bool = False) -> tuple[tuple[float, ...], int]:
+    """The table entry and how many times the batch's pixels it is applied to: the lever's own entry where the
+    table has one, else the nearest one without it."""
+    key = activation_key(full, levers, prior)
+    names = [key]
+    for suffix in ("-prior", "-fused", "-fp8"):
+        key = key.replace(suffix, "")
+        names.append(key)
+    name = next((n for n in names if n in shape.activations), None)
+    if name is None:
+        raise KeyError(names[0])
+    return shape.activations[name], 2 if prior and not name.endswith("-prior") else 1
 
 
 def estimate_bytes(shape: ModelShape, setup: Setup, levers: frozenset[str] | set[str] = frozenset()) -> dict[str, float]:
-    """Peak device bytes of a steady training step, by part; "total" is their sum."""
+    """Peak device bytes of a steady training step, by part: "static" sums the parameter terms (UNet, encoders,
+    adapters, optimizer states); "total" adds the higher of the forward activations and the gradients with the
+    backward activations."""
     full = setup.method == "full"
     unet_bytes = 4 if full else (1 if "fp8_base" in levers else setup.weight_bytes)
     trained = shape.unet_params if full else shape.lora_params_per_rank.get(setup.targets, 0) * setup.rank
@@ -101,15 +126,39 @@ def estimate_bytes(shape: ModelShape, setup: Setup, levers: frozenset[str] | set
                 + shape.vae_params * setup.weight_bytes) if encoders_on_device else 0
     optimizer = trained * (2 if "adamw8bit" in levers else 8) + (trained * 4 if setup.ema else 0)
     grads = 0 if "fused_backward" in levers else trained * 4
-    fixed, per_pixel = activation_entry(shape, full, levers)
-    passes = 2 if setup.prior_preservation else 1
-    pixels = (setup.resolution // 8) ** 2 * setup.batch * passes
-    activations = (fixed + per_pixel * pixels) * setup.weight_bytes / 2
+    forward, backward = _activation_bytes(*activation_entry(shape, full, levers, setup.prior_preservation), setup)
     parts = {"unet": shape.unet_params * unet_bytes, "encoders": encoders, "adapters": 0 if full else trained * 4,
-             "grads": grads,
-             "optimizer": optimizer, "activations": activations}
-    parts["total"] = sum(parts.values())
+             "optimizer": optimizer}
+    parts["static"] = sum(parts.values())
+    parts.update(grads=grads, forward=forward, backward=backward)
+    parts["total"] = parts["static"] + max(forward, grads + backward)
     return parts
+
+
+def _activation_bytes(entry: tuple[float, ...], passes: int, setup: Setup) -> tuple[float, float]:
+    """The forward and the backward peaks' activation bytes (the table is at 16-bit activations)."""
+    pixels = setup.latent_pixels * passes
+    fwd_fixed, fwd_pixel, bwd_fixed, bwd_pixel = entry
+    scale = setup.weight_bytes / 2
+    return (fwd_fixed + fwd_pixel * pixels) * scale, (bwd_fixed + bwd_pixel * pixels) * scale
+
+
+def fit_point(shape: ModelShape, setup: Setup, levers: set[str], forward_peak: float,
+              backward_peak: float) -> tuple[int, float, float]:
+    """One measured step as `fit_activation_entry` takes it: the peaks less the estimate's parameter terms."""
+    zeros = dict.fromkeys(("lora-nogc", "lora-gc", "full-nogc", "full-gc"), (0.0, 0.0, 0.0, 0.0))
+    parts = estimate_bytes(dataclasses.replace(shape, activations=zeros), setup, levers)
+    return setup.latent_pixels, forward_peak - parts["static"], backward_peak - parts["static"] - parts["grads"]
+
+
+def fit_activation_entry(points: list[tuple[int, float, float]], weight_bytes: int = 2) -> tuple[float, ...]:
+    """A table entry from two measured steps: (latent pixels, forward peak minus the static parts, backward peak
+    minus the static parts and the gradients), each in bytes at `weight_bytes` activations."""
+    (p1, f1, b1), (p2, f2, b2) = points
+    scale = 2 / weight_bytes
+    fwd_pixel, bwd_pixel = (f2 - f1) / (p2 - p1), (b2 - b1) / (p2 - p1)
+    return (round((f1 - fwd_pixel * p1) * scale), round(fwd_pixel * scale, 1),
+            round((b1 - bwd_pixel * p1) * scale), round(bwd_pixel * scale, 1))
 
 
 _PARAMS = {  # UNet, text encoders, VAE; LoRA parameters at rank 1 by targets (counted on the shipped configs)
@@ -120,17 +169,35 @@ _PARAMS = {  # UNet, text encoders, VAE; LoRA parameters at rank 1 by targets (c
     "sdxl": (2567463684, 817720320, 83653863,
              {"attention": 1451520, "attention_ff": 2616320, "all_linear": 2695360, "all": 3074240}),
 }
-ACTIVATIONS: dict[str, dict[str, tuple[float, float]]] = {
-    "sd15": {"lora-nogc": (-7015713, 284688.4), "lora-gc": (-13458164, 67108.9), "lora-nogc-fp8": (-5414466, 249823.2),
-             "lora-gc-fp8": (166384226, 31981.6), "full-nogc": (-117999827, 107741.2), "full-gc": (155804339, 19660.8)},
-    "sd21v": {"lora-nogc": (-7723022, 273678.3), "lora-gc": (-13091731, 56856.1), "lora-nogc-fp8": (-6174467, 248745.5),
-              "lora-gc-fp8": (-11543176, 53593.9), "full-nogc": (-1784467105, 306999.8),
-              "full-gc": (-38562900, 43224.6)},
-    "sdxl": {"lora-nogc": (-53991349, 473694.2), "lora-gc": (-91572313, 43974.7), "lora-nogc-fp8": (-44180690, 451936.3),
-             "lora-gc-fp8": (-87130363, 41418.8), "full-nogc": (-5827336964, 532676.6), "full-gc": (-91408140, 25231.4)},
+ACTIVATIONS: dict[str, dict[str, tuple[float, float, float, float]]] = {
+    "sd15": {"lora-nogc": (6107656, 284612.8, -6647280, 283919.1), "lora-gc": (63496, 53814.7, -12540400, 66953.6),
+             "lora-nogc-fp8": (8007508, 249692.8, -5566628, 248359.1),
+             "lora-gc-fp8": (131071316, 37209.7, 89747073, 50585.0),
+             "lora-gc-prior": (123660, 96117.3, -12480232, 109256.2),
+             "lora-gc-fp8-prior": (131131480, 64952.3, 89807241, 78327.6),
+             "full-nogc": (1678773256, 308035.8, -815256597, 277857.7),
+             "full-gc": (219982856, 55818.7, 72087527, 40004.1),
+             "full-gc-fused": (219982856, 55818.7, 358604962, 64576.4)},
+    "sd21v": {"lora-nogc": (6107656, 273621.6, -7171568, 272940.2), "lora-gc": (63496, 43801.9, -13064688, 56879.3),
+              "lora-nogc-fp8": (8007508, 248701.6, -6090916, 247380.2),
+              "lora-gc-fp8": (1144148, 41161.9, -11984036, 53599.3),
+              "lora-gc-prior": (123660, 75451.8, -13004520, 88529.2),
+              "lora-gc-fp8-prior": (1204312, 68891.8, -11923868, 81329.2),
+              "full-nogc": (1678773256, 307023.2, -1783589616, 305651.7),
+              "full-gc": (219982856, 55781.2, -39133936, 43272.4),
+              "full-gc-fused": (219982856, 55781.2, 222850064, 68632.8)},
+    "sdxl": {"lora-nogc": (39375472, 473680.5, -53521800, 472348.7), "lora-gc": (64112, 37644.0, -92837000, 44019.6),
+             "lora-nogc-fp8": (49477884, 451912.5, -48949628, 449948.7),
+             "lora-gc-fp8": (5284769, 35079.0, -88264828, 41459.6),
+             "lora-gc-prior": (116596, 70175.6, -92784512, 76551.2),
+             "lora-gc-fp8-prior": (5337253, 64410.6, -88212340, 70791.2),
+             "full-nogc": (4442163320, 532688.1, -5827668360, 531941.6),
+             "full-gc": (162434672, 43628.0, -117453338, 26823.0),
+             "full-gc-fused": (162434672, 43628.0, 162434680, 54448.2)},
 }
-"""Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16): (fixed bytes, bytes per latent
-pixel per sample) by method kind and gradient checkpointing."""
+"""Printed by `bench/memory.py --fit` (the instrument on the meta device, bf16, batch 1 and 8): the forward and the
+backward peak's (fixed bytes, bytes per latent pixel per sample) by method kind, checkpointing, fp8 weights, the
+fused backward and prior preservation."""
 
 
 def known_shape(name: str) -> ModelShape:
@@ -260,9 +327,12 @@ def plan_for_config(cfg: Config, shape: ModelShape | None, *, budget: float | No
     forced_off = {n for n in ("offload_encoders", "fp8_base", "fused_backward") if getattr(t, n) == "off"}
     if t.gradient_checkpointing:
         forced_on.add("gradient_checkpointing")
-    (forced_on if t.optimizer == "adamw8bit" else forced_off).add("adamw8bit")  # the optimizer is the user's
+    if t.optimizer != "auto":  # an optimizer the user named is kept
+        (forced_on if t.optimizer == "adamw8bit" else forced_off).add("adamw8bit")
     if t.gradient_accumulation != 1 or t.max_grad_norm != 0:
         forced_off.add("fused_backward")
+    if cfg.lora.algorithm == "dora":  # DoRA reads the base weights' norms in every step
+        forced_off.add("fp8_base")
     plan = plan_levers(shape, Setup.from_config(cfg), mode=t.memory, forced_on=forced_on, forced_off=forced_off,
                        available=available if available is not None else _available(), budget=budget,
                        budget_source=budget_source)
@@ -282,15 +352,17 @@ def _available() -> set[str]:
 
 def _with_levers(cfg: Config, levers: set[str]) -> Config:
     t = cfg.train
+    optimizer = "adamw8bit" if "adamw8bit" in levers else "adamw" if t.optimizer == "auto" else t.optimizer
     train = dataclasses.replace(
-        t, gradient_checkpointing="gradient_checkpointing" in levers,
+        t, gradient_checkpointing="gradient_checkpointing" in levers, optimizer=optimizer,
         **{n: "on" if n in levers else "off" for n in ("offload_encoders", "fp8_base", "fused_backward")})
     return dataclasses.replace(cfg, train=train)
 
 
 def _levers_off(cfg: Config) -> Config:
     t = cfg.train
-    train = dataclasses.replace(t, **{n: "off" if getattr(t, n) == "auto" else getattr(t, n)
+    train = dataclasses.replace(t, optimizer="adamw" if t.optimizer == "auto" else t.optimizer,
+                                **{n: "off" if getattr(t, n) == "auto" else getattr(t, n)
                                    for n in ("offload_encoders", "fp8_base", "fused_backward")})
     return dataclasses.replace(cfg, train=train)
 

@@ -1,5 +1,5 @@
-// One run in the Fine-tunes sidebar: a summary line; expanded, its loss chart, samples, result, error and config,
-// with the actions its status allows (Cancel, Resume, Add Apply LoRA to the graph).
+// One run in the Fine-tunes sidebar: a summary line; expanded, its loss chart, samples, result, error, memory plan
+// and config, with the actions its status allows (Cancel, Resume, Add Apply LoRA to the graph).
 import { actionButton, el, setChildren } from "./dom.js";
 import { cancelRun, resumeRun } from "./finetune_api.js";
 import { runAction, toast } from "./feedback.js";
@@ -10,6 +10,15 @@ import { ProgressView, statusBadge } from "./progress_view.js";
 import { isActive } from "./run_state.js";
 
 const RESULT_LABELS = { lora: "LoRA", checkpoint: "Checkpoint", embedding: "Embedding", controlnet: "ControlNet" };
+
+// What the memory planner picked, and its estimate against the memory it had (free GPU memory or the set budget).
+function memoryLine(plan) {
+  if (!plan) return null;
+  const levers = plan.levers?.length ? plan.levers.join(", ") : "no memory levers";
+  const budget = plan.budget_gb == null ? "" : ` of ${plan.budget_gb.toFixed(1)} GiB (${plan.budget_from})`;
+  return el("div", { class: "finetune-run-memory", title: plan.text ?? "" },
+    `Memory (${plan.mode}): ${levers}; estimate ${plan.estimate_gb.toFixed(1)} GiB${budget}`);
+}
 
 export class RunCard {
   constructor(state) {
@@ -88,7 +97,8 @@ export class RunCard {
     const { state } = this;
     this.progress ??= new ProgressView();
     this.progress.render(state);
-    const key = JSON.stringify([state.status, state.error, state.record?.outputs, Boolean(state.details)]);
+    const key = JSON.stringify([state.status, state.error, state.record?.outputs, Boolean(state.details),
+      state.memoryPlan]);
     if (key === this.detailsKey) return;
     this.detailsKey = key;
     const record = state.record ?? {};
@@ -102,6 +112,7 @@ export class RunCard {
       this.progress.element,
       message,
       kind && el("div", { class: "finetune-run-result" }, `${RESULT_LABELS[kind] ?? kind}: ${record.outputs[kind]}`),
+      memoryLine(state.memoryPlan),
       this.actions(),
       config && el("details", { class: "finetune-run-config" },
         el("summary", {}, "Config"), el("pre", {}, JSON.stringify(config, null, 2))),

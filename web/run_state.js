@@ -14,6 +14,7 @@ export class RunState {
     this.validation = new Map(); // step -> validation loss
     this.progress = null; // the newest progress event
     this.samples = []; // [{step, paths}] oldest first
+    this.memoryPlan = null; // the plan event's memory_plan: {mode, levers, estimate_gb, budget_gb, budget_from, text}
     this.status = null;
     this.nodeId = null; // the Train node that runs it, as ComfyUI numbers it in the queued graph
     this.error = "";
@@ -40,6 +41,7 @@ export class RunState {
         break;
       case "plan":
         this.progress = { ...this.progress, total: event.steps ?? this.progress?.total };
+        this.memoryPlan = event.memory_plan ?? this.memoryPlan;
         break;
       case "validation":
         if (Number.isFinite(event.loss)) this.validation.set(event.step, event.loss);

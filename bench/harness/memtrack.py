@@ -84,11 +84,25 @@ class _Tracker(MemTracker):
 
     def _post_bw_hook(self, *args): pass
 
+    def device_bytes(self, kind: str, device: str) -> int:
+        snapshot = self.get_tracker_snapshot(kind)
+        return int(next(stats["Total"] for dev, stats in snapshot.items() if torch.device(dev).type == device))
+
+    def restart_peak(self) -> None:
+        """The peak from now on (MemTracker keeps one peak per device since it was entered; it restarts it so on
+        entry, the same two fields)."""
+        self._peak_mem_snap = self.get_tracker_snapshot()
+        self._peak_mem = {dev: snap["Total"] for dev, snap in self._peak_mem_snap.items()}
+
 
 @dataclass
 class Measured:
     peak_bytes: int
     trainable_params: int
+    forward_bytes: int = 0
+    """The last step's peak during the forward pass (the activations saved for backward at their most)."""
+    backward_bytes: int = 0
+    """The last step's peak during backward, the optimizer step and zero_grad (the gradients at their most)."""
 
 
 def measure_training_peak(cfg: Config, base, *, device: str = "meta", steps: int = 2,
@@ -105,16 +119,24 @@ def measure_training_peak(cfg: Config, base, *, device: str = "meta", steps: int
     tracker = _Tracker()
     tracker.track_external(base.unet, base.vae, *base.text_encoders, optimizer)
     autocast = CudaAutocast(dtype) if device == "meta" else contextlib.nullcontext()
+    phases = {}
     with tracker, autocast, _device_autocast(device, dtype):
         for _ in range(steps):
-            loss, _ = method.compute_loss(batch, generator)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    peak = tracker.get_tracker_snapshot("peak")
-    total = int(next(stats["Total"] for dev, stats in peak.items() if torch.device(dev).type == device))
+            phases = _step_phase_peaks(tracker, device, method, batch, generator, optimizer)
+    peak = max(phases.values())  # the last step is the highest: the optimizer's states exist from the first step
     trainable = sum(p.numel() for g in method.parameter_groups() for p in g["params"])
-    return Measured(total, trainable)
+    return Measured(peak, trainable, phases["forward"], phases["backward"])
+
+
+def _step_phase_peaks(tracker: _Tracker, device: str, method, batch, generator, optimizer) -> dict[str, int]:
+    tracker.restart_peak()
+    loss, _ = method.compute_loss(batch, generator)
+    forward = tracker.device_bytes("peak", device)
+    tracker.restart_peak()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"forward": forward, "backward": tracker.device_bytes("peak", device)}
 
 
 def _recompute_under(model: torch.nn.Module, context) -> None:

@@ -1,6 +1,6 @@
 """The dashboard in a real browser (Debian's Chromium, headless) on a real ComfyUI server: the extension loads
 cleanly, Train LoRA comes from the node search with its progress widget, a queued training shows its loss chart,
-steps and samples live, is cancelled from the Fine-tunes sidebar, and is shown again after the page reloads.
+steps, samples and memory plan live, is cancelled from the Fine-tunes sidebar, and is shown again after the page reloads.
 
 Screenshots land in output/browser-screenshots/; FINETUNE_UPDATE_DOCS_SCREENSHOT=1 also copies the sidebar one to
 docs/dashboard.png (the README's picture).
@@ -9,6 +9,7 @@ docs/dashboard.png (the README's picture).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -70,6 +71,9 @@ def test_a_training_is_watched_live_cancelled_from_the_sidebar_and_shown_after_a
     card.locator(".finetune-run-header").click()
     card.locator(".finetune-chart").wait_for(state="visible")
     card.locator(".finetune-samples img").first.wait_for(state="visible")
+    # the plan event's memory plan: on a CPU no GPU memory to fit, so no budget after the estimate
+    memory = card.locator(".finetune-run-memory").inner_text()
+    assert re.fullmatch(r"Memory \(auto\): [a-z_, ]+; estimate \d+\.\d GiB", memory), memory
     dashboard = save_screenshot(page, screenshots, "dashboard")
     if os.environ.get("FINETUNE_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copy(dashboard, DOCS_SCREENSHOT)

@@ -1,5 +1,5 @@
-"""ComfyUI loads our kohya LoRA files, and our LyCORIS LoHa and LoKr files: every key is used, and its patched UNet
-and CLIP compute what diffusers computes with the same adapter active.
+"""ComfyUI loads our kohya LoRA and DoRA files, and our LyCORIS LoHa and LoKr files: every key is used, and its
+patched UNet and CLIP compute what diffusers computes with the same adapter active.
 
 ComfyUI runs in this process through its own loaders (`comfy.sd.load_checkpoint_guess_config`,
 `comfy.sd.load_lora_for_models`), on the CPU and in fp32, on the tiny ComfyUI-loadable checkpoints of
@@ -84,6 +84,17 @@ def fp16_exact_random_lora(*modules: torch.nn.Module, seed: int = 0, scale: floa
                 p.copy_(p.half().float())
 
 
+def scale_magnitudes(*modules: torch.nn.Module, seed: int = 2) -> None:
+    """DoRA starts each output row's magnitude at the base weight's row norm: scaled by 1 +- 10% per row, the file
+    must carry the trained magnitudes, not only the direction."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for layer in lora_layers(module).values():
+                magnitude = layer.lora_magnitude_vector["default"].weight
+                magnitude.mul_(1 + 0.1 * torch.randn(magnitude.shape, generator=generator))
+
+
 @contextmanager
 def adapters_disabled(*modules: torch.nn.Module):
     for module in modules:
@@ -104,10 +115,21 @@ class Captured(logging.Handler):
         self.into.append(record.getMessage())
 
 
-CASES = [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"),
+CASES = [("sd1", "lora"), ("sd1", "loha"), ("sd1", "lokr"), ("sd1", "dora"),
          pytest.param(("sdxl", "lora"), marks=pytest.mark.slow), pytest.param(("sdxl", "lokr"), marks=pytest.mark.slow)]
 """Every algorithm on SD1.5; LoRA and LoKr on the tiny SDXL (last: it takes several GB, and is loaded once)."""
 _LOADED: dict[str, tuple] = {}
+_WITHOUT_ADAPTER: dict[tuple[str, str], object] = {}
+
+
+def without_adapter(case: Case, what: str, modules: tuple, compute):
+    """`compute()` with the adapter of `modules` disabled: the plain model's output, the same for every case of the
+    family (the inputs are seeded), so computed once per family."""
+    key = (case.family, what)
+    if key not in _WITHOUT_ADAPTER:
+        with adapters_disabled(*modules):
+            _WITHOUT_ADAPTER[key] = compute()
+    return _WITHOUT_ADAPTER[key]
 
 
 def loaded_models(comfy, family: str, checkpoint: Path) -> tuple:
@@ -144,7 +166,9 @@ def case(request, tmp_path_factory):
     for text_encoder in base.text_encoders:
         add_text_encoder_lora(text_encoder, settings)
     # LoHa's and LoKr's zero-started factor multiplies other small factors: larger values make a visible change
-    fp16_exact_random_lora(base.unet, *base.text_encoders, scale=0.05 if algorithm == "lora" else 0.5)
+    fp16_exact_random_lora(base.unet, *base.text_encoders, scale=0.5 if algorithm in ("loha", "lokr") else 0.05)
+    if algorithm == "dora":
+        scale_magnitudes(base.unet, *base.text_encoders)
     state = kohya_lora_state(base.unet, base.text_encoders, te_prefixes=base.family.kohya_text_encoder_prefixes)
     lora_path = save_lora(tmp_path_factory.mktemp("lora") / f"{family}-{algorithm}.safetensors", state,
                           {"modelspec.title": f"{family} {algorithm} test"})
@@ -165,6 +189,34 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
 
 
+def test_comfyui_uses_every_key_of_a_lora_trained_with_the_memory_levers(tmp_path):
+    """Parked encoders, fp8 frozen weights and gradient checkpointing change how the UNet is stored and run, not the
+    names of what is exported (tests/unit/test_memory_levers.py compares each lever's file with the plain run's):
+    one step with all three on the ComfyUI-loadable checkpoint gives a file ComfyUI uses every key of."""
+    from tests.unit.train_helpers import make_images, one_torch_thread
+    from trainers.config import Config
+    from trainers.loop import train
+
+    comfy, checkpoint = import_comfy(), tiny_models.comfy_checkpoint("sd1")
+    with contextmanager(one_torch_thread)():
+        result = train(Config.from_dict({
+            "model": {"base": str(checkpoint)},
+            "data": {"folder": str(make_images(tmp_path / "images")), "resolution": 64, "buckets": False},
+            "train": {"steps": 1, "offload_encoders": "on", "fp8_base": "on", "gradient_checkpointing": True},
+            "lora": {"rank": 4, "alpha": 4}, "output": {"dir": str(tmp_path / "runs"), "tensorboard": False}}))
+    _, model, clip = loaded_models(comfy, "sd1", checkpoint)
+    log: list[str] = []
+    handler = Captured(log)
+    logging.getLogger().addHandler(handler)
+    try:
+        lora = comfy.utils.load_torch_file(result.outputs["model"], safe_load=True)
+        patched_model, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not [line for line in log if "lora key not loaded" in line or "NOT LOADED" in line]
+    assert len(patched_model.patches) == len({key.split(".", 1)[0] for key in lora}) > 0
+
+
 def test_comfyui_uses_every_key_of_the_file(case: Case):
     assert not [line for line in case.log if "lora key not loaded" in line or "NOT LOADED" in line]
     comfy = case.comfy
@@ -178,8 +230,9 @@ def test_comfyui_uses_every_key_of_the_file(case: Case):
     assert len(unet_modules) == len(lora_layers(case.base.unet))
     convolutions = [m for m in unet_modules if "resnets" in m and m.endswith(("_conv1", "_conv2"))]
     assert convolutions  # convolutions (LoCon, or LoHa/LoKr on convolutions) are in the file...
-    if case.algorithm == "lora":
+    if case.algorithm in ("lora", "dora"):
         assert all(lora[f"{m}.lora_down.weight"].shape[-1] == 3 for m in convolutions)
+    assert (case.algorithm == "dora") == all(f"{m}.dora_scale" in lora for m in modules)
     assert len(patches) == len(modules)  # ...and every module, UNet and text encoders, maps onto a weight
     patched = set(case.patched_model.patches) | set(case.patched_clip.patcher.patches)
     assert set(patches) <= patched
@@ -201,10 +254,12 @@ def test_patched_unet_matches_diffusers_with_the_lora(case: Case):
         # ComfyUI's `y` is what diffusers feeds its add_embedding: pooled text and the embedded size/crop ids
         adm = {"y": torch.cat([text_embeds, unet.add_time_proj(time_ids.flatten()).reshape(1, -1)], dim=-1)}
 
+    def run_unet():
+        return unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
     with torch.no_grad():
-        expected = unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
-        with adapters_disabled(unet):
-            without_lora = unet(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        expected = run_unet()
+        without_lora = without_adapter(case, "unet", (unet,), run_unet)
         mm.load_models_gpu([case.patched_model])
         patched = case.patched_model.model.diffusion_model(latents, timesteps=timestep, context=context, **adm)
 
@@ -214,10 +269,12 @@ def test_patched_unet_matches_diffusers_with_the_lora(case: Case):
 
 def test_patched_clip_matches_diffusers_with_the_lora(case: Case):
     family, base = case.base.family, case.base
+    def encode():
+        return family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
+
     with torch.no_grad():
-        expected = family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
-        with adapters_disabled(*base.text_encoders):
-            without_lora = family.encode_prompts(base.text_encoders, base.tokenizers, [PROMPT])
+        expected = encode()
+        without_lora = without_adapter(case, "clip", tuple(base.text_encoders), encode)
         cond, pooled = case.patched_clip.encode_from_tokens(case.patched_clip.tokenize(PROMPT), return_pooled=True)
 
     assert cond.shape == expected.hidden_states.shape

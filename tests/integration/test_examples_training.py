@@ -157,6 +157,7 @@ def test_example_2_dreambooth_with_prior_preservation_runs(comfy, comfy_server, 
         lora.unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # ~50 s; the newest-ComfyUI leg runs example 1, whose nodes are the same
 def test_example_7_lokr_with_prodigy_runs_and_loads_in_comfyui(comfy, comfy_server, comfyui_dir, tiny_checkpoint,
                                                                photos):
     from safetensors import safe_open
@@ -179,10 +180,11 @@ def test_example_7_lokr_with_prodigy_runs_and_loads_in_comfyui(comfy, comfy_serv
         plan = next(e for e in log if e["event"] == "plan")
         assert (plan["optimizer"], plan["learning_rate"], plan["learning_rate_from"]) == ("prodigy", 1.0,
                                                                                          "prodigy's default")
+        # The example's own Apply LoRA applied it; that ComfyUI's loader uses every LoKr key and computes what we
+        # trained is proved in tests/integration/test_comfy_lora.py (a stock Load LoRA graph here proved nothing more).
         with safe_open(str(lora), "pt") as f:
             assert f.metadata()["ss_network_module"] == "lycoris.kohya"
             assert any(".lokr_w1" in key for key in f.keys())
-        assert comfy.run(stock_lora_graph(tiny_checkpoint, lora.name), timeout=300).status == "success"
     finally:
         lora.unlink(missing_ok=True)
 

@@ -203,3 +203,10 @@ def test_masks_from_the_graph_reach_the_trainer_beside_their_images(comfy, comfy
     wrong = {**graph, "1": load_images(masks=["invert", 0])}
     failed = comfy.run(wrong, timeout=300)
     assert failed.status == "error" and "`masks` needs the `images` input" in failed.error.message
+    small = {"load": graph["load"], "solid": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32,
+                                                                                   "height": 32}},
+             "1": load_images(images=["load", 0], masks=["solid", 0]),
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
+    failed = comfy.run(small, timeout=300)
+    assert failed.status == "error"
+    assert "`masks` is 1 mask(s) of 32×32 for 1 image(s) of 64×64" in failed.error.message

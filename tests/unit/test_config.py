@@ -132,6 +132,7 @@ def test_non_utf8_config_is_a_config_error(tmp_path: Path):
     ({"output": {"name": "../escape"}}, "output.name"),
     ({"output": {"sample_every": -1}}, "output.sample_every"),
     ({"dreambooth": {"enabled": True}}, "data.class_noun"),
+    ({"train": {"method": "full", "offload_unet": True}}, "train.offload_unet"),
 ])
 def test_validate_rejects_bad_values_naming_the_field(sections: dict, where: str):
     cfg = valid(**sections)

@@ -18,6 +18,8 @@ from trainers.plan import make_plan
 from train_helpers import make_images, read_events, stop_then_resume, tiny_config
 
 STEPS = 20
+RESUME_STEPS = 4
+"""The resume tests train this many steps, stopped halfway: the straight runs' first steps are their reference."""
 ADAPTIVE = ("prodigy", "schedulefree_adamw", "adafactor")
 SHARE_OF_ADAMW_DROP = {"prodigy": 1.0, "schedulefree_adamw": 0.4, "adafactor": 0.1}
 """How much of AdamW's held-out loss drop each must reach in STEPS steps, every one at its own default learning rate
@@ -49,13 +51,19 @@ def progress_losses(run_dir) -> list[float]:
     return [e["loss"] for e in read_events(run_dir) if e["event"] == "progress"]
 
 
+def saved_at(run_dir, step: int) -> str:
+    [path] = [e["path"] for e in read_events(run_dir) if e["event"] == "saved" and e["step"] == step]
+    return path
+
+
 @pytest.fixture(scope="module")
 def straight_runs(tmp_path_factory, images):
-    """Each optimizer's uninterrupted run, and the base model's held-out loss (a LoRA starts as the identity, so one
-    step at a vanishing learning rate measures it)."""
+    """Each optimizer's uninterrupted run (with its LoRA also saved after RESUME_STEPS steps), and the base model's
+    held-out loss (a LoRA starts as the identity, so one step at a vanishing learning rate measures it)."""
     root = tmp_path_factory.mktemp("straight")
     base = train(config(root / "base", images, "adamw", steps=1, learning_rate=1e-30))
-    runs = {name: train(config(root / name, images, name)) for name in ("adamw", *ADAPTIVE)}
+    runs = {name: train(config(root / name, images, name, output={"save_every": RESUME_STEPS}))
+            for name in ("adamw", *ADAPTIVE)}
     return final_validation(base.run_dir), runs
 
 
@@ -71,10 +79,14 @@ def test_each_optimizer_lowers_the_heldout_loss_against_adamw(straight_runs, nam
 
 @pytest.mark.parametrize("name", ADAPTIVE)
 def test_each_optimizer_resumes_exactly(tmp_path, images, straight_runs, name):
+    """A run of RESUME_STEPS steps stopped halfway and resumed is, bit for bit, the straight run's first RESUME_STEPS
+    steps (a constant learning rate: the steps after do not change the first ones): the same losses after the
+    restart (the weights restored) and the same LoRA (the last steps taken with the restored optimizer state)."""
     _, runs = straight_runs
-    _, resumed = stop_then_resume(config(tmp_path, images, name), at_step=STEPS // 2)
-    assert progress_losses(resumed.run_dir) == progress_losses(runs[name].run_dir)
-    want = load_file(str(runs[name].outputs["model"]))
+    straight = runs[name].run_dir
+    _, resumed = stop_then_resume(config(tmp_path, images, name, steps=RESUME_STEPS), at_step=RESUME_STEPS // 2)
+    assert progress_losses(resumed.run_dir) == progress_losses(straight)[:RESUME_STEPS]
+    want = load_file(saved_at(straight, RESUME_STEPS))
     got = load_file(str(resumed.outputs["model"]))
     assert want.keys() == got.keys()
     for key in want:
@@ -84,14 +96,14 @@ def test_each_optimizer_resumes_exactly(tmp_path, images, straight_runs, name):
 def test_schedule_free_validates_and_exports_its_averaged_weights(tmp_path, images, monkeypatch):
     """Validation every step switches to the averaged weights and back: training goes on bit for bit as without it,
     and without the switch both the held-out loss and the exported LoRA differ."""
-    quiet = train(config(tmp_path / "quiet", images, "schedulefree_adamw", steps=6))
-    busy = train(config(tmp_path / "busy", images, "schedulefree_adamw", steps=6,
+    quiet = train(config(tmp_path / "quiet", images, "schedulefree_adamw", steps=3))
+    busy = train(config(tmp_path / "busy", images, "schedulefree_adamw", steps=3,
                         output={"validation_every": 1}))
     assert progress_losses(busy.run_dir) == progress_losses(quiet.run_dir)
     assert final_validation(busy.run_dir) == final_validation(quiet.run_dir)
 
     monkeypatch.setattr(trainers.loop, "evaluation_weights", lambda optimizer: contextlib.nullcontext())
-    unswitched = train(config(tmp_path / "unswitched", images, "schedulefree_adamw", steps=6))
+    unswitched = train(config(tmp_path / "unswitched", images, "schedulefree_adamw", steps=3))
     assert progress_losses(unswitched.run_dir) == progress_losses(quiet.run_dir)
     assert final_validation(unswitched.run_dir) != final_validation(quiet.run_dir)
     exported, trained_point = load_file(quiet.outputs["model"]), load_file(unswitched.outputs["model"])

@@ -125,3 +125,15 @@ def assert_sampled_and_exported_the_ema_weights(run_dir: Path, seen: dict) -> No
     for name in names:
         torch.testing.assert_close(seen["sampled"][name], ema[name], rtol=0, atol=0, msg=f"sampled {name}")
         torch.testing.assert_close(seen["exported"][name], ema[name], rtol=0, atol=0, msg=f"exported {name}")
+
+
+def one_torch_thread():
+    """For a test module's autouse fixture: torch on one thread while its tiny models train. On a shared 2-core
+    machine two threads mostly wait for each other (a tiny instrumented training step: 7 s with two, 0.4 s with
+    one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

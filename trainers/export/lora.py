@@ -3,7 +3,8 @@
 kohya layout: `lora_unet_<diffusers module path, "." -> "_">` and `lora_te_` / `lora_te1_` / `lora_te2_` +
 `text_model_encoder_layers_<i>_<module>`, each with `.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`;
 a convolution's down is a k x k conv and its up a 1x1 conv (LoCon). LoHa and LoKr modules carry LyCORIS's
-`.hada_w1_a`... / `.lokr_w1`... weights instead of down/up, under the same module names. ComfyUI maps these names through
+`.hada_w1_a`... / `.lokr_w1`... weights instead of down/up, under the same module names; a DoRA module adds
+`.dora_scale` beside down/up (see `_dora_scale`). ComfyUI maps these names through
 `comfy.lora.model_lora_keys_unet` / `model_lora_keys_clip`. diffusers' own `convert_state_dict_to_kohya` is not used:
 it writes alpha = rank and names SD1's text encoder `lora_te1`.
 """
@@ -89,17 +90,18 @@ def save_peft_lora(folder: Path, unet: torch.nn.Module | None, text_encoders: li
     return folder
 
 
-ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
 
 
 def lora_algorithm(state: dict[str, torch.Tensor]) -> str:
-    """"lora", "loha" or "lokr", from the weights' names (a file from any trainer may mix them; the first tells)."""
+    """"lora", "loha", "lokr" or "dora", from the weights' names (a file from any trainer may mix them; the first
+    LoHa or LoKr weight tells, else a `dora_scale`)."""
     for key in state:
         if ".hada_" in key:
             return "loha"
         if ".lokr_" in key:
             return "lokr"
-    return "lora"
+    return "dora" if any(key.endswith(".dora_scale") for key in state) else "lora"
 
 
 def lora_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
@@ -121,6 +123,28 @@ def _put_layer(state: dict[str, torch.Tensor], key: str, layer, adapter_name: st
     for name, value in weights.items():
         state[f"{key}.{name}"] = value.detach().to(dtype).contiguous()
     state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    if getattr(layer, "use_dora", {}).get(adapter_name):
+        # fp32 whatever `dtype` is: one value scales a whole row, and fp16 would move every weight by up to 5e-4
+        state[f"{key}.dora_scale"] = _dora_scale(layer, adapter_name)
+
+
+def _dora_scale(layer, adapter_name: str) -> torch.Tensor:
+    """The `dora_scale` that makes ComfyUI's loader compute peft's DoRA weight exactly (at strength 1).
+
+    peft: `W' = m * (W + dW) / ||W + dW||`, norms per output row. ComfyUI's `weight_decompose`
+    (comfy/weight_adapter/base.py, 0.3.75 to 0.33), given a `dora_scale` with one value per output row, computes
+    `W' = (W + dW) * dora_scale / ||W||` with the base weight's norm; `dora_scale = m * ||W|| / ||W + dW||` makes
+    the two equal. A strength s != 1 gives `W + s * (W' - W)` there: a straight blend towards the trained weight
+    (not DoRA with a scaled update). The shape (out, 1, ...) is the one ComfyUI broadcasts against the weight."""
+    base = layer.get_base_layer().weight.detach().float()
+    merged = base + layer.get_delta_weight(adapter_name).detach().float()
+    magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach().float().flatten()
+    scale = magnitude * _row_norms(base) / _row_norms(merged)
+    return scale.reshape(-1, *[1] * (base.dim() - 1)).contiguous()
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.flatten(1).norm(dim=1)
 
 
 def _lycoris_weights(layer, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -44,12 +44,18 @@ def lora_metadata(cfg: Config, *, family_name: str, prediction_type: str, steps_
 
 
 def _network_args(lora) -> dict[str, str]:
-    """ss_network_args as kohya's LoCon and LyCORIS's kohya module write them (LyCORIS names its algorithm `algo`)."""
+    """ss_network_args as kohya's LoCon and LyCORIS's kohya module write them (LyCORIS names its algorithm `algo`).
+
+    DoRA is LyCORIS's: its kohya module is the one whose network args turn DoRA on (`dora_wd`, per output row with
+    `wd_on_output`, the axis of our `dora_scale`), on its LoRA (`algo` lora); kohya's own networks.lora reads no DoRA
+    argument, so a run repeated from these arguments with it would train a plain LoRA."""
     args = {"conv_dim": str(lora.conv_rank), "conv_alpha": str(float(lora.conv_alpha))} if lora.targets == "all" else {}
     if lora.algorithm != "lora":
-        args = {"algo": lora.algorithm, **args}
+        args = {"algo": "lora" if lora.algorithm == "dora" else lora.algorithm, **args}
     if lora.algorithm == "lokr":
         args["factor"] = str(lora.lokr_factor)
+    if lora.algorithm == "dora":
+        args.update(dora_wd="True", wd_on_output="True")
     return {"ss_network_args": json.dumps(args)} if args else {}
 
 
