@@ -108,14 +108,14 @@ def build_random_base(family: str, *, tiny: bool, dtype: torch.dtype, device: st
     """The base model the loop would have loaded: full size from the shipped configs (random weights, built on the
     target device so that it takes seconds), or the tiny test model."""
     from diffusers import DDPMScheduler
-    from tiny_models import _random_model, tiny_pipeline_dir
+    from tiny_models import random_model, tiny_pipeline_dir
     from trainers.config import ModelConfig
     from trainers.models.loading import load_base_model
 
     if tiny:
         return load_base_model(ModelConfig(base=str(tiny_pipeline_dir(family))), dtype=dtype)
     with torch.device(device):
-        base = _random_model(family, unet={}, text={}, vae={})
+        base = random_model(family, unet={}, text={}, vae={})
     base.noise_scheduler = DDPMScheduler.from_config(base.noise_scheduler.config)  # its tables on the CPU, as loaded
     for module in (base.unet, base.vae, *base.text_encoders):
         module.to(dtype=dtype)

@@ -93,9 +93,10 @@ _COMFY_DTYPES = {"sd1": torch.float16, "sd2v": torch.float8_e4m3fn, "sdxl": torc
 
 
 # ---- the cache ---------------------------------------------------------------------------------------------
-def cached(kind: str, params: dict, build: Callable[[Path], None], *, root: Path = CACHE) -> Path:
-    """The folder `build` fills for these parameters, built once (atomically, under a lock) in `root` and then
-    reused."""
+def cached(kind: str, params: dict, build: Callable[[Path], None], *, root: Path | None = None) -> Path:
+    """The folder `build` fills for these parameters, built once (atomically, under a lock) in `root` (default
+    `CACHE`) and then reused."""
+    root = CACHE if root is None else root
     key = {**params, "format": FORMAT, "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode() + _EXPORTER.read_bytes())
     final = root / f"{kind}-{digest.hexdigest()[:16]}"

@@ -146,7 +146,7 @@ def test_tiny_image_is_rejected_with_its_size(tmp_path: Path):
     Image.new("RGB", (10, 10)).save(tmp_path / "tiny.png")
     with pytest.raises(DataError, match="10×10") as caught:
         probe_image(tmp_path / "tiny.png")
-    assert "64 px" in caught.value.problem and caught.value.where == str(tmp_path / "tiny.png")
+    assert "32 px" in caught.value.problem and caught.value.where == str(tmp_path / "tiny.png")
 
 
 def test_decompression_bomb_header_is_rejected_before_decoding(tmp_path: Path):

@@ -30,10 +30,10 @@ def _tiny_base(cfg, device: str = "meta"):
     device memory apart from the CPU memory that parked encoders move to."""
     if device == "cpu":
         return load_base_model(cfg.model, dtype=torch.float32)
-    from tiny_models import _TINY_TEXT, _TINY_UNETS, _TINY_VAE, _random_model
+    from tiny_models import _TINY_TEXT, _TINY_UNETS, _TINY_VAE, random_model
 
     with torch.device("meta"):
-        return _random_model("sd1", unet=_TINY_UNETS["sd1"], text=_TINY_TEXT, vae=_TINY_VAE)
+        return random_model("sd1", unet=_TINY_UNETS["sd1"], text=_TINY_TEXT, vae=_TINY_VAE)
 
 
 def _levers_cfg(cfg, levers: set[str], batch: int, resolution: int):

@@ -38,7 +38,7 @@ def test_concurrent_requests_build_once(tmp_path, monkeypatch):
         (folder / "model.txt").write_text("built")
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: tiny_models._cached("thing", {"seed": 3}, build), range(2)))
+        results = list(pool.map(lambda _: tiny_models.cached("thing", {"seed": 3}, build), range(2)))
     assert len(builds) == 1 and results[0] == results[1]
     assert (results[0] / "model.txt").read_text() == "built"
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [results[0].name]
@@ -52,7 +52,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError):
-        tiny_models._cached("thing", {"seed": 0}, build)
+        tiny_models.cached("thing", {"seed": 0}, build)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
