@@ -26,9 +26,9 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -183,8 +183,6 @@ def _write_config(folder: Path, start: Path, images: Path) -> Path:
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
